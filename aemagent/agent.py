@@ -1,0 +1,549 @@
+"""The profiles the agent holds, and their tokens.
+
+Theory of operation
+-------------------
+Each profile owns a small nursery inside the agent's task tree, under a cancel scope that forgetting
+or replacing the profile cancels. In it run:
+
+* the profile's timer: asks the pure `Schedule` (policy.py) whether a refresh is due, starts one
+  if so, then sleeps until the next decision, never longer than a minute, and re-reads both clocks
+  on every wake-up (so a laptop that slept through the refresh time refreshes at once);
+* at most one *flight*: an IMS call for this profile. Requests that need a token while a flight
+  is up wait for it and share its result. A flight runs in the profile's nursery, not in the
+  requester's task, so a caller that hangs up does not cancel it. A global `CapacityLimiter`
+  caps concurrent IMS calls across profiles.
+
+A flight's result is applied only if its profile is still the current one under that name; a
+profile forgotten or replaced meanwhile is a different object (a new generation), so the old
+identity's token can never reach it. Every state change sets the profile's `changed` event, which
+waiting requests and the timer sleep on.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import logging
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import trio
+
+from aemagent.clocks import Clock, Now, SystemClock
+from aemagent.credentials import Credential, Secret
+from aemagent.errors import (
+    AemAgentError,
+    AmbiguousError,
+    IMSError,
+    IMSTransientError,
+    NotFoundError,
+    UnavailableError,
+    UsageError,
+)
+from aemagent.ims import Grant
+from aemagent.logs import describe_duration, fingerprint, utc_iso
+from aemagent.policy import (
+    PolicySettings,
+    Schedule,
+    TokenTimes,
+    effective_min_valid,
+    fetched_token_times,
+)
+
+log = logging.getLogger("aemagent.agent")
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+# Concurrent IMS calls across all profiles (LESSONS.md 9: no refresh storms).
+DEFAULT_IMS_CONCURRENCY = 4
+
+
+class TokenSource(Protocol):
+    """Where tokens come from: `ims.IMSClient`, or a fake in tests."""
+
+    async def fetch(self, credential: Credential) -> Grant: ...
+
+
+def check_profile_name(name: str) -> str:
+    if not _NAME_RE.fullmatch(name):
+        shown = name if len(name) <= 40 else name[:40] + "…"
+        raise UsageError(
+            f"invalid profile name {shown!r}: use letters, digits, '.', '_', '@' or '-',"
+            " at most 64 characters"
+        )
+    return name
+
+
+@dataclass(eq=False)
+class Flight:
+    """One IMS call in progress for one profile."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    error: AemAgentError | None = None
+
+
+@dataclass(frozen=True)
+class Served:
+    """A token handed to a caller."""
+
+    profile: Profile
+    token: Secret
+    expires_at: float  # wall clock, unix seconds
+    expires_in: float
+
+
+@dataclass(eq=False)
+class Profile:
+    name: str
+    credential: Credential
+    generation: int
+    schedule: Schedule
+    hosts: tuple[str, ...] = ()
+    default: bool = False
+    source: str = "added"
+    forget_at: float | None = None  # boot clock; `add --lifetime`
+    token: Secret | None = None
+    fetches: int = 0
+    last_error: AemAgentError | None = None
+    flight: Flight | None = None
+    changed: trio.Event = field(default_factory=trio.Event)
+    published: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    nursery: trio.Nursery | None = None
+
+    def notify(self) -> None:
+        event, self.changed = self.changed, trio.Event()
+        event.set()
+
+    def state(self, now: Now) -> str:
+        times = self.schedule.token
+        if self.flight is not None:
+            return "refreshing"
+        if self.schedule.blocked:
+            return "failed"
+        if self.schedule.retry_at is not None:
+            return "retrying"
+        if times is None:
+            return "pending"
+        return "valid" if times.remaining(now) > 0 else "expired"
+
+    def matches_host(self, host: str) -> bool:
+        return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
+
+
+class Agent:
+    """Holds the profiles; serves, refreshes and forgets their tokens."""
+
+    def __init__(
+        self,
+        ims: TokenSource,
+        *,
+        clock: Clock | None = None,
+        settings: PolicySettings | None = None,
+        ims_concurrency: int = DEFAULT_IMS_CONCURRENCY,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._ims = ims
+        self._clock = clock or SystemClock()
+        self.settings = settings or PolicySettings()
+        self._ims_limit = trio.CapacityLimiter(ims_concurrency)
+        self._rng = rng or random.Random()
+        self._profiles: dict[str, Profile] = {}
+        self._generations = itertools.count(1)
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled: the parent of every profile's timer and flights."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def now(self) -> Now:
+        return self._clock.now()
+
+    # ---- management
+
+    def profiles(self) -> list[Profile]:
+        return sorted(self._profiles.values(), key=lambda p: p.name)
+
+    async def add(
+        self,
+        credential: Credential,
+        *,
+        name: str | None = None,
+        hosts: tuple[str, ...] = (),
+        default: bool = False,
+        source: str = "added",
+        lifetime: float | None = None,
+    ) -> Profile:
+        """Load a credential. An explicit name replaces; a derived name that collides is refused."""
+        assert self._nursery is not None, "Agent.run() is not running"
+        explicit = name is not None
+        name = check_profile_name(name if name is not None else credential.default_name())
+        if lifetime is not None and lifetime <= 0:
+            raise UsageError("lifetime must be positive")
+        old = self._profiles.get(name)
+        if old is not None and not explicit and not _same_identity(old.credential, credential):
+            raise AmbiguousError(
+                f"a profile named {name} already holds another credential"
+                f" ({_identity_text(old.credential)}); add this one with --name NAME"
+            )
+        now = self.now()
+        forget_at = now.boot + lifetime if lifetime is not None else None
+        if old is not None and old.credential.digest == credential.digest:
+            # The same credential again: keep its token, take the new settings, and lift a
+            # permanent-failure block (adding a credential again counts as a manual retry).
+            old.hosts, old.source, old.forget_at = hosts, source, forget_at
+            self._set_default(old, default)
+            if old.schedule.blocked:
+                old.schedule.on_manual()
+                old.notify()
+            log.info("profile %s: credential unchanged, token kept", name)
+            return old
+        profile = Profile(
+            name=name,
+            credential=credential,
+            generation=next(self._generations),
+            schedule=Schedule(self.settings, refreshable=credential.refreshable),
+            hosts=hosts,
+            source=source,
+            forget_at=forget_at,
+        )
+        # Start the profile's tasks first (its timer waits for `published`), then publish it in
+        # one synchronous step, so no request ever sees a profile without its nursery.
+        await self._nursery.start(self._run_profile, profile)
+        if old is not None:
+            self._drop(old)
+        self._profiles[name] = profile
+        self._set_default(profile, default)
+        profile.published.set()
+        log.info("profile %s: %s %s", name, "replaced with" if old else "added", credential)
+        return profile
+
+    def forget(self, name: str) -> Profile:
+        profile = self._profiles.get(name)
+        if profile is None:
+            raise NotFoundError(self._no_such_profile(name))
+        self._drop(profile)
+        log.info("profile %s: forgotten", name)
+        return profile
+
+    def forget_all(self) -> list[Profile]:
+        dropped = self.profiles()
+        for profile in dropped:
+            self._drop(profile)
+        if dropped:
+            log.info("forgot all profiles (%d)", len(dropped))
+        return dropped
+
+    def _drop(self, profile: Profile) -> None:
+        if self._profiles.get(profile.name) is profile:
+            del self._profiles[profile.name]
+        profile.scope.cancel()
+        profile.token = None
+        profile.notify()
+
+    def _set_default(self, profile: Profile, default: bool) -> None:
+        if default:
+            for other in self._profiles.values():
+                other.default = other is profile
+        else:
+            profile.default = False
+
+    # ---- choosing a profile
+
+    def resolve(self, name: str | None = None, url: str | None = None) -> Profile:
+        if name:
+            profile = self._profiles.get(name)
+            if profile is None:
+                raise NotFoundError(self._no_such_profile(name))
+            return profile
+        if url:
+            return self._resolve_url(url)
+        if not self._profiles:
+            raise NotFoundError("no profiles loaded; add one with `aemagent add FILE`")
+        defaults = [p for p in self._profiles.values() if p.default]
+        if defaults:
+            return defaults[0]
+        if len(self._profiles) == 1:
+            return next(iter(self._profiles.values()))
+        raise AmbiguousError(
+            f"several profiles and none is the default ({', '.join(self._names())});"
+            " choose one with --profile, or add one with --default"
+        )
+
+    def _resolve_url(self, url: str) -> Profile:
+        try:
+            host = urlsplit(url if "//" in url else f"//{url}").hostname
+        except ValueError:
+            host = None
+        if not host:
+            raise UsageError("url has no host name")
+        matches = [p for p in self.profiles() if p.matches_host(host)]
+        if not matches:
+            raise NotFoundError(f"no profile matches host {host}; profiles: {self._names_text()}")
+        if len(matches) > 1:
+            raise AmbiguousError(
+                f"several profiles match host {host}: {', '.join(p.name for p in matches)};"
+                " choose one with --profile"
+            )
+        return matches[0]
+
+    def _names(self) -> list[str]:
+        return sorted(self._profiles)
+
+    def _names_text(self) -> str:
+        return ", ".join(self._names()) or "none loaded"
+
+    def _no_such_profile(self, name: str) -> str:
+        return f"no profile named {name}; profiles: {self._names_text()}"
+
+    # ---- serving
+
+    async def token(
+        self, *, name: str | None = None, url: str | None = None, min_valid: float | None = None
+    ) -> Served:
+        """A token valid for at least `min_valid` s, waiting at most `request_wait` s for IMS."""
+        wait = self.settings.request_wait
+        with trio.move_on_after(wait):
+            return await self._token(name, url, min_valid)
+        profile = self.resolve(name, url)
+        raise UnavailableError(
+            f"profile {profile.name}: IMS did not answer within {wait:g} s"
+            + (f"; last error: {profile.last_error}" if profile.last_error else "")
+        )
+
+    async def _token(self, name: str | None, url: str | None, min_valid: float | None) -> Served:
+        fetches_seen: dict[int, int] = {}
+        while True:
+            profile = self.resolve(name, url)
+            schedule, now = profile.schedule, self.now()
+            fetches_seen.setdefault(profile.generation, profile.fetches)
+            need = 0.0 if min_valid is None else min_valid
+            if schedule.token is not None:
+                need = effective_min_valid(min_valid, schedule.token.lifetime, self.settings)
+            if profile.token is not None and schedule.usable(now, need):
+                return self._served(profile, now)
+            if profile.flight is None:
+                self._fail_unless_fetch_can_help(profile, now, need, fetches_seen)
+                if schedule.may_fetch(now):
+                    self._start_flight(profile)
+            await profile.changed.wait()
+
+    def _fail_unless_fetch_can_help(
+        self, profile: Profile, now: Now, need: float, fetches_seen: dict[int, int]
+    ) -> None:
+        schedule = profile.schedule
+        what = f"profile {profile.name}"
+        if not schedule.refreshable:
+            times = schedule.token
+            if times is not None and times.remaining(now) > 0:
+                raise UnavailableError(
+                    f"{what}: the development token has only"
+                    f" {describe_duration(times.remaining(now))} left, less than {need:g} s;"
+                    " download a new one from the AEM Developer Console"
+                )
+            expired = f" at {utc_iso(times.wall_expiry)}" if times else ""
+            raise UnavailableError(
+                f"{what}: the development token expired{expired};"
+                " download a new one from the AEM Developer Console"
+            )
+        if schedule.blocked:
+            raise UnavailableError(
+                f"{what}: {profile.last_error}; fix the credential, then run"
+                f" `aemagent refresh {profile.name}` or add it again"
+            )
+        if profile.fetches > fetches_seen[profile.generation] and schedule.token is not None:
+            raise UnavailableError(
+                f"{what}: a fresh token is valid for only"
+                f" {schedule.token.remaining(now):.0f} s, less than the {need:g} s asked for"
+            )
+        if schedule.backing_off(now):
+            assert schedule.retry_at is not None
+            retry_in = schedule.retry_at - now.boot
+            if trio.current_time() + retry_in > trio.current_effective_deadline():
+                raise UnavailableError(
+                    f"{what}: {profile.last_error}; next attempt in {describe_duration(retry_in)}"
+                )
+
+    def _served(self, profile: Profile, now: Now) -> Served:
+        times = profile.schedule.token
+        assert times is not None
+        assert profile.token is not None
+        remaining = times.remaining(now)
+        return Served(profile, profile.token, now.wall + remaining, remaining)
+
+    async def refresh(self, name: str) -> Profile:
+        """A manual refresh: lifts blocks and backoff, fetches now, waits for the result."""
+        profile = self.resolve(name)
+        profile.schedule.on_manual()
+        flight = profile.flight or self._start_flight(profile)
+        wait = self.settings.request_wait
+        with trio.move_on_after(wait):
+            await flight.done.wait()
+        if not flight.done.is_set():
+            raise UnavailableError(f"profile {name}: IMS did not answer within {wait:g} s")
+        if flight.error is not None:
+            raise flight.error
+        return profile
+
+    # ---- the tasks
+
+    def _start_flight(self, profile: Profile) -> Flight:
+        assert profile.nursery is not None
+        assert profile.flight is None
+        flight = profile.flight = Flight()
+        profile.nursery.start_soon(self._fly, profile, flight)
+        profile.notify()
+        return flight
+
+    async def _fly(self, profile: Profile, flight: Flight) -> None:
+        try:
+            async with self._ims_limit:
+                grant = await self._ims.fetch(profile.credential)
+        except IMSError as exc:
+            self._failed(profile, flight, exc)
+        except Exception as exc:  # a bug: keep the daemon up, count it as transient
+            log.exception("profile %s: unexpected error while fetching a token", profile.name)
+            self._failed(
+                profile, flight, IMSTransientError(f"internal error ({type(exc).__name__})")
+            )
+        else:
+            if self._profiles.get(profile.name) is profile:
+                times = fetched_token_times(
+                    grant.lifetime, grant.sent, self._rng.random(), self.settings
+                )
+                profile.token = grant.access_token
+                profile.schedule.on_success(times)
+                profile.fetches += 1
+                profile.last_error = None
+                self._log_token(profile, times)
+        finally:
+            profile.flight = None
+            flight.done.set()
+            profile.notify()
+
+    def _failed(self, profile: Profile, flight: Flight, exc: IMSError) -> None:
+        flight.error = exc
+        if self._profiles.get(profile.name) is not profile:
+            return
+        now = self.now()
+        profile.last_error = exc
+        profile.schedule.on_failure(
+            now, transient=exc.transient, retry_after=exc.retry_after, draw=self._rng.random()
+        )
+        if exc.transient:
+            retry_at = profile.schedule.retry_at or now.boot
+            log.warning(
+                "profile %s: %s; retrying in %s",
+                profile.name,
+                exc,
+                describe_duration(retry_at - now.boot),
+            )
+        else:
+            log.error(
+                "profile %s: %s; no automatic retries until `aemagent refresh %s`",
+                profile.name,
+                exc,
+                profile.name,
+            )
+
+    def _log_token(self, profile: Profile, times: TokenTimes) -> None:
+        assert profile.token is not None
+        now = self.now()
+        log.info(
+            "profile %s: new token %s, expires %s (in %s), refresh in %s",
+            profile.name,
+            fingerprint(profile.token.reveal()),
+            utc_iso(times.wall_expiry),
+            describe_duration(times.remaining(now)),
+            describe_duration(times.remaining(now) - times.refresh_margin),
+        )
+
+    async def _run_profile(self, profile: Profile, *, task_status: trio.TaskStatus[None]) -> None:
+        with profile.scope:
+            async with trio.open_nursery() as nursery:
+                profile.nursery = nursery
+                task_status.started()
+                await profile.published.wait()
+                await self._timer(profile)
+
+    async def _timer(self, profile: Profile) -> None:
+        schedule = profile.schedule
+        while True:
+            now = self.now()
+            if profile.forget_at is not None and now.boot >= profile.forget_at:
+                log.info("profile %s: lifetime over", profile.name)
+                self._drop(profile)  # cancels this task
+                await trio.lowlevel.checkpoint()
+                return
+            if profile.flight is None and schedule.refresh_due(now):
+                self._start_flight(profile)
+            delay = schedule.seconds_until_due(now)
+            if profile.flight is not None:
+                delay = self.settings.wake_interval
+            if profile.forget_at is not None:
+                delay = min(delay, profile.forget_at - now.boot)
+            with trio.move_on_after(max(delay, 0.0)):
+                await profile.changed.wait()
+
+    # ---- description for `status`
+
+    def describe(self, profile: Profile) -> dict[str, Any]:
+        now = self.now()
+        times = profile.schedule.token
+        credential = profile.credential
+        info: dict[str, Any] = {
+            "name": profile.name,
+            "kind": credential.kind,
+            "state": profile.state(now),
+            "default": profile.default,
+            "hosts": list(profile.hosts),
+            "source": profile.source,
+            "client_id": credential.client_id,
+            "org_id": credential.org_id,
+            "expires_at": None,
+            "expires_in": None,
+            "refresh_at": _unix(profile.schedule.next_refresh_wall(now)),
+            "last_error": str(profile.last_error) if profile.last_error else None,
+            "token_fingerprint": None,
+            "certificate_expires_at": _unix(credential.certificate_expires_at),
+            "forget_at": _unix(
+                None if profile.forget_at is None else now.wall + profile.forget_at - now.boot
+            ),
+        }
+        if times is not None and profile.token is not None:
+            remaining = times.remaining(now)
+            info["expires_at"] = _unix(now.wall + remaining)
+            info["expires_in"] = max(0, math.floor(remaining))
+            info["token_fingerprint"] = fingerprint(profile.token.reveal())
+        return info
+
+
+def _unix(value: float | None) -> int | None:
+    return None if value is None else math.floor(value)
+
+
+def _same_identity(a: Credential, b: Credential) -> bool:
+    return (a.kind, a.client_id, a.org_id, _account(a)) == (
+        b.kind,
+        b.client_id,
+        b.org_id,
+        _account(b),
+    )
+
+
+def _account(credential: Credential) -> str | None:
+    return getattr(credential, "technical_account_id", None)
+
+
+def _identity_text(credential: Credential) -> str:
+    account = _account(credential)
+    return f"client id {credential.client_id}" + (f", account {account}" if account else "")

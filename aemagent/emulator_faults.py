@@ -1,0 +1,95 @@
+"""Fault injection for the IMS emulator: how the next requests to an endpoint fail.
+
+Posted as JSON to `/_emulator/faults` (see `aemagent.emulator`). A fault first sleeps `delay`
+seconds, then: `drop` closes the connection without an answer; `malformed` answers 200 with an
+HTML body; `status` (503 if only `body` or `error` is given) answers with `body` verbatim or an
+IMS-shaped error, plus `Retry-After` when `retry_after` is given; with none of these the request
+is answered normally after the delay. `Fault.parse` is strict, because a test hook that silently
+ignored a misspelt key would make a test pass for the wrong reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import trio
+
+from aemagent.emulator_tokens import Refusal
+from aemagent.httpserver import DropConnection, Response
+
+ENDPOINTS = frozenset({"jwt", "token", "invalidate", "aem", "any"})
+
+
+@dataclass(frozen=True)
+class Fault:
+    """How the next requests to an endpoint fail."""
+
+    status: int | None = None
+    body: str | None = None
+    error: str | None = None
+    error_description: str | None = None
+    retry_after: str | None = None
+    delay: float = 0.0
+    drop: bool = False
+    malformed: bool = False
+
+    @classmethod
+    def parse(cls, obj: object) -> tuple[str, int, Fault]:
+        """(endpoint, count, fault) from the hook's JSON; raises Refusal(400)."""
+        if not isinstance(obj, dict):
+            raise _hook_error("the fault must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)} | {"endpoint", "count"}
+        if unknown := sorted(set(obj) - known):
+            raise _hook_error(f"unknown fault keys: {', '.join(unknown)}")
+        endpoint, count = obj.get("endpoint", "any"), obj.get("count", 1)
+        if endpoint not in ENDPOINTS:
+            raise _hook_error(f"endpoint must be one of {', '.join(sorted(ENDPOINTS))}")
+        if type(count) is not int or count < 1:
+            raise _hook_error("count must be a positive integer")
+        status = obj.get("status")
+        if status is not None and (type(status) is not int or not 200 <= status <= 599):
+            raise _hook_error("status must be an integer from 200 to 599")
+        for key in ("body", "error", "error_description"):
+            if not isinstance(obj.get(key, ""), str):
+                raise _hook_error(f"{key} must be a string")
+        retry_after = obj.get("retry_after")
+        if retry_after is not None and type(retry_after) not in (int, str):
+            raise _hook_error("retry_after must be a string or an integer")
+        delay = obj.get("delay", 0)
+        if type(delay) not in (int, float) or not 0 <= delay <= 600:
+            raise _hook_error("delay must be a number of seconds from 0 to 600")
+        if not all(isinstance(obj.get(key, False), bool) for key in ("drop", "malformed")):
+            raise _hook_error("drop and malformed must be booleans")
+        fault = cls(
+            status=status,
+            body=obj.get("body"),
+            error=obj.get("error"),
+            error_description=obj.get("error_description"),
+            retry_after=None if retry_after is None else str(retry_after),
+            delay=float(delay),
+            drop=obj.get("drop", False),
+            malformed=obj.get("malformed", False),
+        )
+        return endpoint, count, fault
+
+    async def apply(self) -> Response | None:
+        """The faulty answer; None to answer normally (after the delay)."""
+        await trio.sleep(self.delay)
+        if self.drop:
+            raise DropConnection
+        if self.malformed:
+            return Response(200, b"<html><body>502 Bad Gateway</body></html>\n", "text/html")
+        if self.status is None and self.body is None and self.error is None:
+            return None
+        status = self.status or 503
+        headers = (("Retry-After", self.retry_after),) if self.retry_after is not None else ()
+        if self.body is not None:
+            return Response(status, self.body.encode(), headers=headers)
+        error = self.error or ("server_error" if status >= 500 else "fault")
+        description = self.error_description or "fault injected by the emulator"
+        return Response.json(status, {"error": error, "error_description": description}, headers)
+
+
+def _hook_error(description: str) -> Refusal:
+    return Refusal(400, "bad_request", description)

@@ -1,0 +1,319 @@
+"""HTTP/1.1 server loop over a trio stream, with h11.
+
+Theory of operation. `serve_http` owns one connection: it feeds the bytes it receives to an h11
+state machine, turns each complete request into a `Request`, awaits the handler (a plain async
+function `Request -> Response`, with no knowledge of sockets) and writes the `Response` back,
+then loops for the next request on the same connection (keep-alive) until either side closes.
+
+Everything the peer can get wrong ends that connection and nothing else: malformed HTTP gets
+400, a head or body over the limits gets 413 (decided before the body is read), a connection that
+idles or trickles a request slower than the limits allow is closed without an answer, a peer that
+hangs up is let go quietly, and a handler that raises gets 500 with the traceback logged. The
+loop itself never raises, so one bad client cannot take down the daemon's nursery. `serve_http`
+closes the stream when it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import types
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import h11
+import trio
+
+from aemagent import __version__
+
+logger = logging.getLogger("aemagent.http")
+
+# Big enough that a 1 MiB body arrives in a handful of reads.
+_RECEIVE_SIZE = 64 * 1024
+# After an error answer we half-close and drain what the peer is still sending for this long:
+# closing a TCP socket with unread input sends a RST, which can destroy the answer in flight.
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 1024 * 1024
+# A '%' not followed by two hex digits: urllib would pass it through silently.
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# Framing is ours to decide; a handler setting these would corrupt the connection.
+_RESERVED_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+_SERVER = f"aemagent/{__version__}"
+
+
+class DropConnection(Exception):
+    """Raised by a handler to close the connection without answering (fault injection)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str  # "GET"
+    target: str  # raw, "/v1/token?profile=a"
+    path: str  # percent-decoded path, "/v1/token"
+    query: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}))
+    headers: tuple[tuple[str, str], ...] = ()  # names lower-cased
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        """The header's value; a repeated header's values joined with ", " (RFC 9110 5.3)."""
+        name = name.lower()
+        values = [value for key, value in self.headers if key == name]
+        return ", ".join(values) if values else None
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def json(cls, status: int, obj: object, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+        # The trailing newline keeps a shell prompt off the end of `curl` output.
+        body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+        return cls(status, body.encode(), headers=headers)
+
+    @classmethod
+    def error(cls, status: int, code: str, message: str) -> Response:
+        return cls.json(status, {"error": code, "message": message})
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_head: int = 16 * 1024  # request line + headers; more -> 413
+    max_body: int = 1024 * 1024  # more -> 413
+    request_timeout: float = 10.0  # from the first byte of a request to its last
+    idle_timeout: float = 30.0  # keep-alive idle before the connection is closed
+
+
+DEFAULT_LIMITS = Limits()
+
+_INTERNAL = Response.error(500, "internal", "internal error")
+
+
+class _Reject(Exception):
+    """The request cannot be served: answer `response` and close the connection."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def _bad_request(message: str) -> _Reject:
+    return _Reject(Response.error(400, "bad_request", message))
+
+
+def _too_large(what: str, limit: int) -> _Reject:
+    return _Reject(Response.error(413, "too_large", f"{what} is larger than {limit} bytes"))
+
+
+async def serve_http(
+    stream: trio.abc.Stream, handler: Handler, limits: Limits = DEFAULT_LIMITS
+) -> None:
+    """Serve HTTP/1.1 requests on `stream` until the connection ends, then close it."""
+    connection = _Connection(stream, limits)
+    try:
+        await connection.serve(handler)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the peer hung up
+    except Exception:
+        # A bug here must cost one connection, not the server.
+        logger.exception("HTTP connection failed")
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+class _Connection:
+    def __init__(self, stream: trio.abc.Stream, limits: Limits) -> None:
+        self.stream = stream
+        self.limits = limits
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
+        self.eof = False
+        self.method = ""  # of the request being read, once its head is parsed
+
+    async def serve(self, handler: Handler) -> None:
+        while True:
+            try:
+                request = await self.receive_request()
+            except _Reject as reject:
+                await self.send(reject.response, self.method, close=True)
+                await self.linger()
+                return
+            if request is None:
+                return
+            if not await self.respond(handler, request):
+                return
+            self.h11.start_next_cycle()
+
+    async def receive_request(self) -> Request | None:
+        """The next complete request, or None when the connection should close quietly."""
+        limits = self.limits
+        # Bytes of a pipelined request may already be buffered: then the request has begun.
+        started = bool(self.h11.trailing_data[0])
+        deadline = trio.current_time() + (
+            limits.request_timeout if started else limits.idle_timeout
+        )
+        self.method = ""
+        pending: Request | None = None
+        body = bytearray()
+        try:
+            while True:
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA:
+                    if pending is not None and self.h11.they_are_waiting_for_100_continue:
+                        await self.stream.send_all(self.h11.send(_CONTINUE) or b"")
+                    data = None
+                    with trio.move_on_at(deadline):
+                        data = await self.stream.receive_some(_RECEIVE_SIZE)
+                    if data is None:
+                        # Idle, or a request trickling in too slowly (slowloris): close
+                        # without a 408, so a slow peer gets nothing for its trouble.
+                        return None
+                    if data and not started:
+                        started = True
+                        deadline = trio.current_time() + limits.request_timeout
+                    self.eof = not data
+                    self.h11.receive_data(bytes(data))
+                elif isinstance(event, h11.Request):
+                    self.method = event.method.decode("ascii")
+                    pending = self.check_head(event)
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > limits.max_body:
+                        raise _too_large("request body", limits.max_body)
+                elif isinstance(event, h11.EndOfMessage) and pending is not None:
+                    return _with_body(pending, bytes(body))
+                else:  # ConnectionClosed: the peer left between requests
+                    return None
+        except h11.RemoteProtocolError as exc:
+            if self.eof:
+                return None  # the peer left mid-request: nobody to answer
+            if exc.error_status_hint == 431:  # h11's "Receive buffer too long"
+                raise _too_large("request head", limits.max_head) from exc
+            raise _bad_request(f"malformed HTTP request: {exc}") from exc
+
+    def check_head(self, event: h11.Request) -> Request:
+        """Reject what can be rejected before reading the body; the Request, body still empty."""
+        limits = self.limits
+        # h11's buffer limit only catches a head that arrives incomplete: measure a complete one.
+        size = len(event.method) + len(event.target) + 12
+        size += sum(len(name) + len(value) + 4 for name, value in event.headers.raw_items())
+        if size > limits.max_head:
+            raise _too_large("request head", limits.max_head)
+        for name, value in event.headers:
+            if name == b"content-length" and int(value) > limits.max_body:
+                raise _too_large("request body", limits.max_body)
+        path, query = _parse_target(event.target)
+        return Request(
+            method=self.method,
+            target=event.target.decode("ascii"),
+            path=path,
+            query=query,
+            headers=tuple((n.decode("ascii"), v.decode("latin-1")) for n, v in event.headers),
+        )
+
+    async def respond(self, handler: Handler, request: Request) -> bool:
+        """Run the handler and send its answer; whether the connection stays open."""
+        try:
+            response = await handler(request)
+            head = _response_head(response, close=False)
+        except DropConnection:
+            return False
+        except Exception:
+            logger.exception("handler failed on %s %s", request.method, request.path)
+            await self.send(_INTERNAL, request.method, close=True)
+            await self.linger()
+            return False
+        await self._write(head, response, request.method)
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    async def send(self, response: Response, method: str, *, close: bool) -> None:
+        await self._write(_response_head(response, close=close), response, method)
+
+    async def _write(self, head: h11.Response, response: Response, method: str) -> None:
+        data = self.h11.send(head) or b""
+        # h11 frames HEAD, 204 and 304 answers as bodiless and refuses body bytes for them.
+        if method != "HEAD" and response.status not in (204, 304):
+            data += self.h11.send(h11.Data(data=response.body)) or b""
+        data += self.h11.send(h11.EndOfMessage()) or b""
+        await self.stream.send_all(data)
+
+    async def linger(self) -> None:
+        with trio.move_on_after(_LINGER_SECONDS):
+            if isinstance(self.stream, trio.abc.HalfCloseableStream):
+                await self.stream.send_eof()
+            drained = 0
+            while drained < _LINGER_BYTES:
+                data = await self.stream.receive_some(_RECEIVE_SIZE)
+                if not data:
+                    break
+                drained += len(data)
+
+
+_CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
+
+
+def _response_head(response: Response, *, close: bool) -> h11.Response:
+    """The h11 event for `response`; raises if the handler built an invalid one."""
+    if not isinstance(response, Response):
+        raise TypeError(f"handler returned {type(response).__name__}, not Response")
+    headers = [
+        ("Content-Type", response.content_type),
+        ("Cache-Control", "no-store"),  # tokens must never sit in a cache
+        ("Server", _SERVER),
+    ]
+    if response.status not in (204, 304):
+        headers.append(("Content-Length", str(len(response.body))))
+    for name, value in response.headers:
+        if name.lower() in _RESERVED_HEADERS:
+            raise ValueError(f"handler set the reserved header {name}")
+        headers.append((name, value))
+    if close:
+        headers.append(("Connection", "close"))
+    return h11.Response(
+        status_code=response.status, headers=headers, reason=_reason(response.status)
+    )
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""  # an unregistered status: the reason phrase is optional
+
+
+def _parse_target(raw: bytes) -> tuple[str, Mapping[str, str]]:
+    """Percent-decoded path and query of an origin-form target; raises _Reject(400)."""
+    try:
+        target = raw.decode("ascii")
+    except UnicodeDecodeError:  # h11 already refuses non-ASCII targets; kept for safety
+        raise _bad_request("request target is not ASCII") from None
+    if not target.startswith("/"):
+        raise _bad_request("request target must be a path starting with /")
+    if _BAD_PERCENT.search(target):
+        raise _bad_request("bad percent-encoding in request target")
+    raw_path, _, raw_query = target.partition("?")
+    try:
+        path = urllib.parse.unquote(raw_path, errors="strict")
+        pairs = urllib.parse.parse_qsl(raw_query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise _bad_request("request target is not UTF-8 once percent-decoded") from None
+    query: dict[str, str] = {}
+    for key, value in pairs:
+        if key in query:
+            raise _bad_request(f"repeated query parameter {key!r}")
+        query[key] = value
+    return path, types.MappingProxyType(query)
+
+
+def _with_body(request: Request, body: bytes) -> Request:
+    return Request(
+        request.method, request.target, request.path, request.query, request.headers, body
+    )

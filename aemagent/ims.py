@@ -1,0 +1,399 @@
+"""The IMS client: exchanges a credential for an access token (IMS.md 2, 4, 5, 7).
+
+One `fetch` is one exchange: sign a fresh JWT, POST it, read the token's lifetime. Errors come out
+of the tree in errors.py: transient ones (5xx, 429, timeouts, unreachable IMS, an unusable 200)
+are for the caller to retry with backoff; permanent ones (4xx) mean the credential is wrong. The
+one retry made here is the clock-skew retry: IMS says the JWT expired, so its `exp` is computed
+again from IMS's `Date` header. Every attempt builds its JWT and body afresh. No message, log line
+or exception text ever carries the client secret, the JWT or the token.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+import ssl
+from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any, Self
+from urllib.parse import quote_plus, urlencode, urlsplit
+
+import httpx
+import jwt
+import trio
+
+from aemagent import __version__
+from aemagent.credentials import Credential, Secret, ServiceCredential, is_loopback_host
+from aemagent.errors import (
+    ClockSkewError,
+    ConfigError,
+    IMSError,
+    IMSPermanentError,
+    IMSTransientError,
+)
+
+if TYPE_CHECKING:
+    from aemagent.clocks import Clock, Now
+
+__all__ = [
+    "Grant",
+    "IMSClient",
+    "build_jwt_claims",
+    "error_from_response",
+    "parse_retry_after",
+    "token_lifetime",
+]
+
+log = logging.getLogger(__name__)
+
+_USER_AGENT = f"aemagent/{__version__}"
+_FORM = "application/x-www-form-urlencoded"
+# A lifetime longer than this is garbage, not a token (IMS's are 24 h).
+_MAX_LIFETIME = 366 * 86400.0
+_UNUSABLE = "IMS answered 200 without a usable token"
+_PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+
+
+@dataclass(frozen=True, repr=False)
+class Grant:
+    """One access token fetched from IMS."""
+
+    access_token: Secret
+    lifetime: float  # seconds: the token's own expires_in (ms), else the response's
+    sent: Now  # both clocks, read just before the request was sent
+
+    def __repr__(self) -> str:
+        return f"Grant(lifetime={self.lifetime!r}, sent={self.sent!r})"
+
+
+# --- pure pieces ----------------------------------------------------------------------------------
+
+
+def build_jwt_claims(cred: ServiceCredential, *, now_wall: float, lifetime: int) -> dict[str, Any]:
+    """The JWT claims of IMS.md 2: integer `exp`/`iat`, and one `true` claim per metascope."""
+    iat = int(now_wall)
+    claims: dict[str, Any] = {
+        "exp": iat + lifetime,
+        "iat": iat,
+        "iss": cred.org_id,
+        "sub": cred.technical_account_id,
+        "aud": f"{cred.ims_base}/c/{cred.client_id}",
+    }
+    for scope in cred.metascopes:
+        claims[f"{cred.ims_base}/s/{scope}"] = True
+    return claims
+
+
+def token_lifetime(access_token: str, response_expires_in: object, *, unit_ms: bool) -> float:
+    """Seconds the token lives: its own `expires_in` (ms), else the response's in `unit_ms`.
+
+    Either value is skipped when it is missing, not a number, not positive or above a year.
+    Neither usable -> IMSTransientError: a garbled 200 (a proxy, a glitch) may well be fine later.
+    """
+    own = _seconds(_token_payload(access_token).get("expires_in"), unit_ms=True)
+    if own is not None:
+        return own
+    answered = _seconds(response_expires_in, unit_ms=unit_ms)
+    if answered is not None:
+        return answered
+    raise IMSTransientError(_UNUSABLE)
+
+
+def _token_payload(token: str) -> dict[str, Any]:
+    """The middle segment of a JWT-shaped token, unverified (IMS tokens cannot be verified)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return {}
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, RecursionError):  # binascii.Error and UnicodeDecodeError are ValueErrors
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def _seconds(value: object, *, unit_ms: bool) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    seconds = number / 1000 if unit_ms else number
+    return seconds if 0 < seconds <= _MAX_LIFETIME else None  # NaN fails too
+
+
+def _http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+        # "-0000" gives a naive datetime, which is UTC, not local time.
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+
+
+def parse_retry_after(value: str | None, *, now_wall: float) -> float | None:
+    """`Retry-After` as seconds from now: delta-seconds, or an HTTP date compared to `now_wall`."""
+    if not value:
+        return None
+    if re.fullmatch(r"\s*\d+\s*", value, re.ASCII):
+        return float(value)
+    when = _http_date(value)
+    return None if when is None else max(0.0, when - now_wall)
+
+
+def _clean(value: object, limit: int) -> str | None:
+    """IMS's words for a message: one short printable line, or None."""
+    if not isinstance(value, str):
+        return None
+    text = "".join(c if c.isprintable() else " " for c in value).strip()
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text or None
+
+
+def _hint(error: str | None, description: str | None) -> str | None:
+    said = (description or "").lower()
+    if error == "invalid_client":
+        return (
+            "check client id and secret; "
+            "the credential may have been deleted in the AEM Developer Console"
+        )
+    if error == "invalid_token" and "expire" in said:
+        return "clock skew? check this machine's clock"
+    if error == "invalid_signature" or (
+        error == "invalid_token" and ("signature" in said or "binding" in said)
+    ):
+        return "the certificate may have been revoked in the AEM Developer Console"
+    if error == "invalid_scope":
+        return "the metascopes do not match the integration"
+    return None
+
+
+def error_from_response(
+    response: httpx.Response, *, now_wall: float, redact: tuple[str, ...] = ()
+) -> IMSError:
+    """Map an unsuccessful IMS answer to the error tree (IMS.md 5)."""
+    status = response.status_code
+    try:
+        body = json.loads(response.content)
+    except (ValueError, RecursionError):
+        body = None
+    error = description = None
+    if isinstance(body, dict):
+        code = body.get("error")
+        # IMS's error codes are identifiers (invalid_client); anything else is not shown.
+        if isinstance(code, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,60}", code):
+            error = code
+        description = body.get("error_description")
+    # IMS never echoes what it was sent, but whatever sits in between might (best effort).
+    for secret in filter(None, redact):
+        if isinstance(description, str):
+            description = description.replace(secret, "<redacted>")
+    description = _clean(description, 300)
+    debug_id = _clean(response.headers.get("x-debug-id"), 100)
+    if status in (408, 429) or status >= 500:
+        ims_now = _http_date(response.headers.get("date"))
+        retry_after = parse_retry_after(
+            response.headers.get("retry-after"), now_wall=ims_now or now_wall
+        )
+        what = "IMS is throttling token requests" if status == 429 else "IMS is unavailable"
+        return IMSTransientError(
+            f"{what} (HTTP {status})",
+            http_status=status,
+            error=error,
+            description=description,
+            debug_id=debug_id,
+            retry_after=retry_after,
+        )
+    if 400 <= status < 500:
+        return IMSPermanentError(
+            f"IMS refused the credential (HTTP {status})",
+            http_status=status,
+            error=error,
+            description=description,
+            debug_id=debug_id,
+            hint=_hint(error, description),
+        )
+    return IMSTransientError(
+        f"IMS answered with an unexpected HTTP {status}",
+        http_status=status,
+        error=error,
+        description=description,
+        debug_id=debug_id,
+    )
+
+
+def _jwt_expired(error: IMSError) -> bool:
+    return error.error == "invalid_token" and "expire" in (error.description or "").lower()
+
+
+# --- the client -----------------------------------------------------------------------------------
+
+
+class IMSClient:
+    """Fetches access tokens from IMS. One httpx client per kind of destination, made lazily.
+
+    Loopback IMS bases (the emulator) get a client that ignores the environment, so HTTP_PROXY
+    and ALL_PROXY never see loopback traffic. Others honour HTTPS_PROXY, NO_PROXY, SSL_CERT_FILE
+    and SSL_CERT_DIR (httpx does with trust_env=True); explicit `proxy`/`ca_file` win over them.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        transport: httpx.AsyncBaseTransport | None = None,
+        timeout: float = 20.0,
+        jwt_lifetime: int = 300,
+        proxy: str | None = None,
+        ca_file: str | None = None,
+    ) -> None:
+        if proxy is not None and urlsplit(proxy).scheme.lower() not in _PROXY_SCHEMES:
+            raise ConfigError(f"proxy must be an http://, https:// or socks5:// URL: {proxy!r}")
+        self._clock = clock
+        self._transport = transport
+        self._timeout = timeout
+        self._jwt_lifetime = jwt_lifetime
+        self._proxy = proxy
+        self._ca_file = ca_file
+        self._clients: dict[str, httpx.AsyncClient] = {}
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose()
+
+    async def fetch(self, credential: Credential) -> Grant:
+        """A new access token; raises IMSTransientError or IMSPermanentError."""
+        return await self._exchange_jwt(credential)
+
+    async def _exchange_jwt(self, cred: ServiceCredential) -> Grant:
+        url = f"{cred.ims_base}/ims/exchange/jwt"
+        response, sent, redact = await self._post_jwt(url, cred, self._clock.now().wall)
+        if response.is_success:
+            return _grant(response, sent, unit_ms=True)
+        error = error_from_response(response, now_wall=self._clock.now().wall, redact=redact)
+        if not _jwt_expired(error):
+            raise error
+        ims_now = _http_date(response.headers.get("date"))
+        if ims_now is None:
+            raise _clock_skew(error, "check this machine's clock (IMS sent no Date to compare)")
+        skew = self._clock.now().wall - ims_now
+        log.warning(
+            "IMS says the JWT for %s expired; retrying once on IMS's clock (%+.0f s off)",
+            cred.client_id,
+            skew,
+        )
+        response, sent, redact = await self._post_jwt(url, cred, self._clock.now().wall - skew)
+        if response.is_success:
+            return _grant(response, sent, unit_ms=True)
+        error = error_from_response(response, now_wall=self._clock.now().wall, redact=redact)
+        if _jwt_expired(error):
+            raise _clock_skew(
+                error, f"this machine's clock differs from IMS's by {abs(skew):.0f} s"
+            )
+        raise error
+
+    async def _post_jwt(
+        self, url: str, cred: ServiceCredential, issued_at: float
+    ) -> tuple[httpx.Response, Now, tuple[str, ...]]:
+        """One attempt, with a JWT and body built for it (a retried body must never be reused)."""
+        claims = build_jwt_claims(cred, now_wall=issued_at, lifetime=self._jwt_lifetime)
+        assertion = jwt.encode(claims, cred.private_key, algorithm="RS256")
+        secret = cred.client_secret.reveal()
+        form = {"client_id": cred.client_id, "client_secret": secret, "jwt_token": assertion}
+        client = self._client_for(cred.ims_base)
+        sent = self._clock.now()
+        response = await self._post(client, url, urlencode(form).encode("ascii"))
+        return response, sent, (secret, quote_plus(secret), assertion)
+
+    async def _post(self, client: httpx.AsyncClient, url: str, body: bytes) -> httpx.Response:
+        where = urlsplit(url).netloc
+        try:
+            with trio.fail_after(self._timeout):
+                return await client.post(url, content=body, headers={"Content-Type": _FORM})
+        except (trio.TooSlowError, httpx.TimeoutException) as exc:
+            raise IMSTransientError(
+                f"IMS at {where} did not answer within {self._timeout:g} s"
+            ) from exc
+        # httpx's messages name the failure (refused, DNS, TLS), never the request body.
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            said = " ".join(str(exc).split())[:200] or type(exc).__name__
+            hint = None
+            if "CERTIFICATE_VERIFY_FAILED" in said:
+                hint = "behind a TLS-inspecting proxy? point SSL_CERT_FILE or ca_file at its CA"
+            elif said.startswith("407"):
+                hint = "the proxy wants a login: put user and password in the proxy URL"
+            raise IMSTransientError(f"could not reach IMS at {where}: {said}", hint=hint) from exc
+
+    def _client_for(self, ims_base: str) -> httpx.AsyncClient:
+        parts = urlsplit(ims_base)
+        loopback = is_loopback_host(parts.hostname or "")
+        # credentials.py refuses these already; a hand-built credential must not slip through.
+        if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+            raise IMSPermanentError(
+                f"refusing to send credentials to {ims_base}: only https:// or loopback http://"
+            )
+        kind = "injected" if self._transport else "loopback" if loopback else "remote"
+        client = self._clients.get(kind)
+        if client is None:
+            try:
+                options = self.client_options(loopback=loopback)
+                client = httpx.AsyncClient(
+                    transport=self._transport,
+                    timeout=self._timeout,
+                    headers={"User-Agent": _USER_AGENT, "Accept": "application/json"},
+                    follow_redirects=False,  # a redirect must not carry the secret elsewhere
+                    **options,
+                )
+            except OSError as exc:  # an unreadable CA file (ssl.SSLError is an OSError)
+                where = self._ca_file or "SSL_CERT_FILE/SSL_CERT_DIR"
+                raise IMSTransientError(f"cannot load CA certificates from {where}: {exc}") from exc
+            self._clients[kind] = client
+        return client
+
+    def client_options(self, *, loopback: bool) -> dict[str, Any]:
+        """httpx.AsyncClient options for loopback or remote IMS bases (the proxy/CA decision)."""
+        verify: ssl.SSLContext | bool = True
+        if self._ca_file is not None:
+            verify = ssl.create_default_context(cafile=self._ca_file)
+        if loopback:
+            return {"trust_env": False, "proxy": None, "verify": verify}
+        return {"trust_env": True, "proxy": self._proxy, "verify": verify}
+
+
+def _grant(response: httpx.Response, sent: Now, *, unit_ms: bool) -> Grant:
+    try:
+        body = json.loads(response.content)
+    except (ValueError, RecursionError):
+        body = None
+    if not isinstance(body, dict):
+        body = {}
+    token = body.get("access_token")
+    # A token goes into an Authorization header: printable ASCII without spaces, or it is garbage.
+    if not isinstance(token, str) or not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise IMSTransientError(_UNUSABLE, http_status=response.status_code)
+    lifetime = token_lifetime(token, body.get("expires_in"), unit_ms=unit_ms)
+    return Grant(access_token=Secret(token), lifetime=lifetime, sent=sent)
+
+
+def _clock_skew(error: IMSError, advice: str) -> ClockSkewError:
+    return ClockSkewError(
+        f"IMS says the JWT expired (HTTP {error.http_status})",
+        http_status=error.http_status,
+        error=error.error,
+        description=error.description,
+        debug_id=error.debug_id,
+        hint=f"clock skew: {advice}",
+    )

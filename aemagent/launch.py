@@ -1,0 +1,121 @@
+"""Starting the daemon in the background and waiting for it, for `aemagent start` and `stop`.
+
+The child is spawned with `setsid` and its stdio on /dev/null and a 0600 log file, so nothing
+ties it to the terminal and `eval "$(aemagent start)"` returns as soon as we do. We return once
+its socket serves (or a racing `start` won the lifetime lock and its daemon serves).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from aemagent.wire import AgentUnreachable, WireError, request
+
+_POLL = 0.02
+# A log bigger than this is moved aside to `agent.log.1` when a new daemon starts.
+_MAX_LOG_BYTES = 5 * 1024 * 1024
+
+
+class LaunchError(Exception):
+    pass
+
+
+def agent_pid(path: str) -> int | None:
+    """The PID of the live agent serving `path`, or None if none answers."""
+    try:
+        reply = request(path, "GET", "/v1/health", read_timeout=5.0)
+        health = json.loads(reply.body)
+    except (AgentUnreachable, WireError, ValueError):
+        return None
+    if reply.status != 200 or not isinstance(health, dict):
+        return None
+    pid = health.get("pid")
+    return pid if isinstance(pid, int) else None
+
+
+def log_file_path() -> str:
+    import platformdirs
+
+    return os.path.join(platformdirs.user_state_dir("aemagent"), "agent.log")
+
+
+def _open_log(path: str) -> int:
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        if os.stat(path).st_size > _MAX_LOG_BYTES:
+            os.replace(path, path + ".1")
+    except FileNotFoundError:
+        pass
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def spawn_daemon(path: str, *, log_level: str, timeout: float) -> int:
+    """Start `aemagent serve` detached; return the PID of the agent that then serves `path`."""
+    from aemagent.unixsocket import ensure_private_dir
+
+    ensure_private_dir(os.path.dirname(os.path.abspath(path)))  # a clear error here, not in a log
+    log_path = log_file_path()
+    log_fd = _open_log(log_path)
+    argv = [sys.executable, "-m", "aemagent", "serve", "--socket", path, "--log-level", log_level]
+    try:
+        child = os.posix_spawn(
+            sys.executable,
+            argv,
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            setsid=True,
+        )
+    finally:
+        os.close(log_fd)
+    deadline = time.monotonic() + timeout
+    exited = False
+    while time.monotonic() < deadline:
+        pid = agent_pid(path)
+        if pid is not None:
+            return pid
+        if not exited:
+            done, status = os.waitpid(child, os.WNOHANG)
+            if done:
+                exited = True
+                code = os.waitstatus_to_exitcode(status)
+                if code != 0:
+                    raise LaunchError(
+                        f"the agent exited with code {code}: {_last_line(log_path)}"
+                        f" (log: {log_path})"
+                    )
+                # Exit 0 before serving: another `start` won the lock; its agent answers soon.
+        time.sleep(_POLL)
+    raise LaunchError(f"the agent did not answer on {path} within {timeout:g} s (log: {log_path})")
+
+
+def wait_until_gone(path: str, timeout: float) -> bool:
+    """Wait until no agent answers on `path` and its lifetime lock is free."""
+    from aemagent.unixsocket import lock_is_held
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if agent_pid(path) is None and not lock_is_held(path):
+            return True
+        time.sleep(_POLL)
+    return False

@@ -1,0 +1,503 @@
+"""The HTTP/1.1 server loop, driven through memory streams with requests split into odd chunks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aemagent import __version__
+from aemagent.httpserver import DropConnection, Limits, Request, Response, serve_http
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+SMALL = Limits(max_head=512, max_body=64, request_timeout=10.0, idle_timeout=30.0)
+
+
+async def echo(request: Request) -> Response:
+    return Response.json(
+        200,
+        {
+            "method": request.method,
+            "target": request.target,
+            "path": request.path,
+            "query": dict(request.query),
+            "body": request.body.decode("latin-1"),
+            "host": request.header("Host"),
+        },
+    )
+
+
+@dataclass
+class Reply:
+    status: int
+    reason: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> object:
+        return json.loads(self.body)
+
+
+class RawClient:
+    """A deliberately dumb HTTP client: raw bytes out, a hand-rolled parser in."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def send(self, data: bytes, sizes: tuple[int, ...] = (1, 2, 3, 5, 8, 13)) -> None:
+        """Send `data` in odd pieces, letting the server read each one on its own."""
+        pieces = itertools.cycle(sizes)
+        while data:
+            size = next(pieces)
+            await self.stream.send_all(data[:size])
+            data = data[size:]
+            await trio.testing.wait_all_tasks_blocked()
+
+    async def _fill(self) -> bool:
+        chunk = await self.stream.receive_some()
+        self.buffer += chunk
+        return bool(chunk)
+
+    async def reply(self, *, head_only: bool = False) -> Reply:
+        while b"\r\n\r\n" not in self.buffer:
+            assert await self._fill(), f"connection closed mid-response: {self.buffer!r}"
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        match = re.fullmatch(r"HTTP/1\.1 (\d{3}) (.*)", status_line)
+        assert match, status_line
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.lower()] = value.strip()
+        length = 0 if head_only else int(headers.get("content-length", "0"))
+        while len(self.buffer) < length:
+            assert await self._fill(), "connection closed mid-body"
+        body, self.buffer = self.buffer[:length], self.buffer[length:]
+        return Reply(int(match.group(1)), match.group(2), headers, body)
+
+    async def closed(self) -> bool:
+        """Whether the server closes the connection without sending anything more."""
+        if self.buffer:
+            return False
+        return not await self._fill()
+
+
+@asynccontextmanager
+async def serving(handler=echo, limits: Limits = SMALL) -> AsyncIterator[RawClient]:
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_http, server, handler, limits)
+        yield RawClient(client)
+        await client.aclose()
+
+
+def get(target: str, *extra: str) -> bytes:
+    lines = [f"GET {target} HTTP/1.1", "Host: aemagent", *extra, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+def post(target: str, body: bytes, *extra: str) -> bytes:
+    lines = [f"POST {target} HTTP/1.1", "Host: aemagent", f"Content-Length: {len(body)}", *extra]
+    return "\r\n".join([*lines, "", ""]).encode() + body
+
+
+# ---- ordinary requests ----
+
+
+async def test_get_decodes_path_and_query():
+    async with serving() as client:
+        await client.send(get("/v1/pro%20files?profile=a%2Fb&url=&x=1+2"))
+        reply = await client.reply()
+    assert reply.status == 200
+    assert reply.reason == "OK"
+    assert reply.json() == {
+        "method": "GET",
+        "target": "/v1/pro%20files?profile=a%2Fb&url=&x=1+2",
+        "path": "/v1/pro files",
+        "query": {"profile": "a/b", "url": "", "x": "1 2"},
+        "body": "",
+        "host": "aemagent",
+    }
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.headers["cache-control"] == "no-store"
+    assert reply.headers["server"] == f"aemagent/{__version__}"
+    assert int(reply.headers["content-length"]) == len(reply.body)
+
+
+async def test_post_body():
+    async with serving() as client:
+        await client.send(post("/v1/profiles", b'{"name":"a"}', "Content-Type: application/json"))
+        reply = await client.reply()
+    assert reply.json()["body"] == '{"name":"a"}'
+
+
+async def test_keep_alive_then_connection_close():
+    async with serving() as client:
+        await client.send(get("/one"))
+        assert (await client.reply()).json()["path"] == "/one"
+        await client.send(post("/two", b"2"))
+        assert (await client.reply()).json()["body"] == "2"
+        await client.send(get("/three", "Connection: close"))
+        reply = await client.reply()
+        assert reply.headers["connection"] == "close"
+        assert await client.closed()
+
+
+async def test_pipelined_requests_in_one_write():
+    async with serving() as client:
+        await client.stream.send_all(get("/a") + post("/b", b"xyz") + get("/c"))
+        paths = [(await client.reply()).json()["path"] for _ in range(3)]
+    assert paths == ["/a", "/b", "/c"]
+
+
+async def test_http_10_closes_after_one_answer():
+    async with serving() as client:
+        await client.send(b"GET /old HTTP/1.0\r\n\r\n")
+        assert (await client.reply()).status == 200
+        assert await client.closed()
+
+
+async def test_chunked_body():
+    body = b"4\r\nwiki\r\n6;ext=1\r\npedia \r\nE\r\nin \r\n\r\nchunks.\r\n0\r\n\r\n"
+    head = b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with serving(limits=Limits()) as client:
+        await client.send(head + body, sizes=(1, 3, 7))
+        reply = await client.reply()
+    assert reply.json()["body"] == "wikipedia in \r\n\r\nchunks."
+
+
+async def test_expect_100_continue():
+    async with serving() as client:
+        await client.send(post("/e", b"", "Expect: 100-continue").replace(b"0\r\n", b"5\r\n"))
+        interim = await client.reply(head_only=True)
+        assert interim.status == 100
+        await client.send(b"hello")
+        reply = await client.reply()
+    assert reply.json()["body"] == "hello"
+
+
+async def test_head_answers_without_body():
+    async with serving() as client:
+        await client.send(b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\n" + get("/after"))
+        head = await client.reply(head_only=True)
+        assert head.status == 200
+        assert int(head.headers["content-length"]) > 0
+        assert (await client.reply()).json()["path"] == "/after"
+
+
+async def test_request_header_lookup_joins_repeats():
+    request = Request("GET", "/", "/", headers=(("x-a", "1"), ("x-b", "2"), ("x-a", "3")))
+    assert request.header("X-A") == "1, 3"
+    assert request.header("x-b") == "2"
+    assert request.header("x-c") is None
+
+
+def test_response_helpers():
+    assert json.loads(Response.error(404, "not_found", "no such profile").body) == {
+        "error": "not_found",
+        "message": "no such profile",
+    }
+    response = Response.json(201, {"a": "é"}, headers=(("X-A", "1"),))
+    assert (response.status, response.headers) == (201, (("X-A", "1"),))
+    assert json.loads(response.body.decode("utf-8")) == {"a": "é"}
+
+
+# ---- limits ----
+
+
+async def test_head_over_limit_trickling_in_gets_413():
+    async with serving() as client:
+        await client.stream.send_all(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 600)
+        reply = await client.reply()
+        assert reply.status == 413
+        assert reply.json()["error"] == "too_large"
+        assert await client.closed()
+
+
+async def test_complete_head_over_limit_in_one_write_gets_413():
+    async with serving() as client:
+        await client.stream.send_all(get("/", "X-Big: " + "a" * 600))
+        reply = await client.reply()
+        assert (reply.status, reply.json()["error"]) == (413, "too_large")
+        assert await client.closed()
+
+
+async def test_body_over_limit_by_content_length_gets_413_before_the_body():
+    async with serving() as client:
+        # Only the head is sent: the answer must not wait for the 1000 bytes announced.
+        await client.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        reply = await client.reply()
+        assert (reply.status, reply.json()["error"]) == (413, "too_large")
+        assert "body" in reply.json()["message"]
+        assert await client.closed()
+
+
+async def test_expect_100_continue_over_limit_gets_413_and_no_100():
+    async with serving() as client:
+        await client.send(post("/", b"x" * 100, "Expect: 100-continue")[:-100])
+        assert (await client.reply()).status == 413
+
+
+async def test_chunked_body_over_limit_gets_413():
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with serving() as client:
+        await client.stream.send_all(head + b"40\r\n" + b"x" * 64 + b"\r\n" + b"1\r\nx\r\n")
+        reply = await client.reply()
+        assert (reply.status, reply.json()["error"]) == (413, "too_large")
+        assert await client.closed()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n",  # a TLS hello
+        b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        get("/a%zzb"),
+        get("/a%ffb"),  # not UTF-8 once decoded
+        get("/?a=%ff"),
+        get("/?profile=a&profile=b"),
+        get("*"),
+        get("http://aemagent/v1/health"),
+    ],
+)
+async def test_malformed_requests_get_400_then_close(raw: bytes):
+    async with serving() as client:
+        await client.send(raw)
+        reply = await client.reply()
+        assert reply.status == 400
+        assert reply.json()["error"] == "bad_request"
+        assert await client.closed()
+
+
+async def test_repeated_query_key_is_named():
+    async with serving() as client:
+        await client.send(get("/v1/token?profile=a&profile=b"))
+        assert "profile" in (await client.reply()).json()["message"]
+
+
+# ---- timeouts (virtual time) ----
+
+
+async def test_idle_connection_closes_quietly(autojump_clock):
+    async with serving() as client:
+        start = trio.current_time()
+        assert await client.closed()
+        assert trio.current_time() - start == pytest.approx(SMALL.idle_timeout)
+
+
+async def test_idle_keep_alive_closes_after_idle_timeout(autojump_clock):
+    async with serving() as client:
+        await client.send(get("/"))
+        await client.reply()
+        start = trio.current_time()
+        assert await client.closed()
+        assert trio.current_time() - start == pytest.approx(SMALL.idle_timeout)
+
+
+async def test_slow_request_closes_without_answer(autojump_clock):
+    async with serving() as client:
+        start = trio.current_time()
+        for byte in b"GET / HTT":  # a byte a second: no single read waits long
+            await client.stream.send_all(bytes([byte]))
+            await trio.sleep(1)
+        assert await client.closed()
+        assert trio.current_time() - start == pytest.approx(SMALL.request_timeout)
+
+
+async def test_slow_body_closes_without_answer(autojump_clock):
+    async with serving() as client:
+        await client.stream.send_all(post("/", b"x" * 10)[:-5])
+        start = trio.current_time()
+        assert await client.closed()
+        assert trio.current_time() - start == pytest.approx(SMALL.request_timeout)
+
+
+# ---- handler failures and hang-ups ----
+
+
+async def test_handler_exception_gives_500_and_is_logged(caplog):
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("boom")
+
+    async with serving(broken) as client:
+        await client.send(get("/x"))
+        reply = await client.reply()
+        assert reply.status == 500
+        assert reply.json() == {"error": "internal", "message": "internal error"}
+        assert await client.closed()
+    [record] = [r for r in caplog.records if r.name == "aemagent.http"]
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None
+
+
+async def test_invalid_response_from_handler_gives_500(caplog):
+    async def bad_header(request: Request) -> Response:
+        return Response(200, b"x", headers=(("Content-Length", "5"),))
+
+    async with serving(bad_header) as client:
+        await client.send(get("/x"))
+        assert (await client.reply()).status == 500
+
+
+async def test_drop_connection_closes_without_answer():
+    async def drop(request: Request) -> Response:
+        raise DropConnection
+
+    async with serving(drop) as client:
+        await client.send(get("/x"))
+        assert await client.closed()
+
+
+async def test_peer_hanging_up_mid_request_is_quiet(caplog):
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_http, server, echo, SMALL)
+        await client.send_all(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+        await client.aclose()
+    assert not caplog.records
+
+
+async def test_peer_hanging_up_before_reading_the_answer_is_quiet(caplog, autojump_clock):
+    async def slow(request: Request) -> Response:
+        await trio.sleep(1)
+        return Response(200, b"late")
+
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_http, server, slow, SMALL)
+        await client.send_all(get("/"))
+        await client.aclose()
+    assert not caplog.records
+
+
+async def test_cancellation_closes_the_stream():
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_http, server, echo, SMALL)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert await client.receive_some() == b""
+
+
+# ---- properties ----
+
+REQUESTS = get("/a?x=1") + post("/b", b"body") + get("/c", "Connection: close")
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=10))
+def test_any_chunking_gives_the_same_answers(sizes):
+    async def main():
+        async with serving(limits=Limits()) as client:
+            await client.send(REQUESTS, sizes=tuple(sizes))
+            replies = [(await client.reply()).json() for _ in range(3)]
+            assert await client.closed()
+        assert [r["path"] for r in replies] == ["/a", "/b", "/c"]
+        assert replies[1]["body"] == "body"
+
+    trio.run(main)
+
+
+FRAGMENTS = [
+    b"GET ",
+    b"POST ",
+    b"HEAD ",
+    b"/x?a=1",
+    b"&a=2",
+    b"%ff",
+    b"%2",
+    b" HTTP/1.1\r\n",
+    b" HTTP/1.0\r\n",
+    b"Host: x\r\n",
+    b"Content-Length: 5\r\n",
+    b"Content-Length: 99999\r\n",
+    b"Transfer-Encoding: chunked\r\n",
+    b"Expect: 100-continue\r\n",
+    b"Connection: close\r\n",
+    b"X-Big: " + b"a" * 300 + b"\r\n",
+    b"\r\n",
+    b"hello",
+    b"5\r\nhello\r\n",
+    b"0\r\n\r\n",
+    b"\x00",
+    b"\xff",
+]
+
+HOSTILE = st.one_of(
+    st.binary(max_size=2000),
+    st.lists(st.sampled_from(FRAGMENTS), max_size=25).map(b"".join),
+    st.tuples(st.lists(st.sampled_from(FRAGMENTS), max_size=10), st.binary(max_size=200)).map(
+        lambda t: b"".join(t[0]) + t[1]
+    ),
+)
+
+
+class _Errors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _parse_all(data: bytes) -> list[int]:
+    """Statuses of the HTTP/1.1 responses `data` consists of; fails if it is anything else."""
+    statuses = []
+    while data:
+        head, sep, data = data.partition(b"\r\n\r\n")
+        assert sep, f"truncated response head {head!r}"
+        status_line, *lines = head.split(b"\r\n")
+        match = re.fullmatch(rb"HTTP/1\.1 (\d{3}) [ -~]*", status_line)
+        assert match, status_line
+        headers = dict(line.lower().split(b": ", 1) for line in lines)
+        length = int(headers.get(b"content-length", b"0"))
+        # An answer to HEAD announces a length but carries no body; our bodies are JSON or empty.
+        if not data.startswith(b"HTTP/1.1 "):
+            assert len(data) >= length, "truncated body"
+            data = data[length:]
+        statuses.append(int(match.group(1)))
+    return statuses
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=HOSTILE)
+def test_any_input_gives_http_answers_or_a_close(raw):
+    async def ok(request: Request) -> Response:
+        return Response(200)
+
+    async def main() -> bytes:
+        client, server = trio.testing.memory_stream_pair()
+        received = b""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_http, server, ok, SMALL)
+            await client.send_all(raw)
+            await client.send_eof()
+            while chunk := await client.receive_some():
+                received += chunk
+            await client.aclose()
+        return received
+
+    errors = _Errors()
+    logger = logging.getLogger("aemagent.http")
+    logger.addHandler(errors)
+    try:
+        received = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        logger.removeHandler(errors)
+    assert not errors.records, errors.records[0].getMessage()
+    assert set(_parse_all(received)) <= {100, 200, 400, 413}

@@ -1,0 +1,628 @@
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import logging
+import re
+import ssl
+from collections.abc import Callable
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+import jwt
+import pytest
+import trio
+from keys import CLIENT_SECRET, ims_token, integration, key_pair
+
+from aemagent import __version__
+from aemagent.clocks import FakeClock, Now
+from aemagent.credentials import Secret, ServiceCredential, parse_credential
+from aemagent.errors import (
+    ClockSkewError,
+    ConfigError,
+    IMSError,
+    IMSPermanentError,
+    IMSTransientError,
+)
+from aemagent.ims import (
+    Grant,
+    IMSClient,
+    build_jwt_claims,
+    parse_retry_after,
+    token_lifetime,
+)
+
+IMS_NOW = 1_800_000_000.0  # FakeClock's default wall time
+BASE = "https://ims-na1.adobelogin.com"
+Answer = httpx.Response | Callable[[httpx.Request], httpx.Response]
+
+
+@functools.cache  # parsing validates the RSA key, which takes tens of milliseconds
+def credential(**kwargs: Any) -> ServiceCredential:
+    return parse_credential(integration(**kwargs))
+
+
+def form(request: httpx.Request) -> dict[str, list[str]]:
+    return parse_qs(request.content.decode(), keep_blank_values=True, strict_parsing=True)
+
+
+def error_answer(status: int, error: str | None = None, description: str = "", **headers: str):
+    body = {"error": error, "error_description": description} if error else None
+    return httpx.Response(status, json=body, headers=headers)
+
+
+class FakeIMS:
+    """IMS's JWT exchange on its own clock: checks signature, audience and `exp` like IMS does.
+
+    Scripted `answers` are given first; after them it answers for itself. Every request is kept.
+    """
+
+    def __init__(self, *, now: float = IMS_NOW, send_date: bool = True) -> None:
+        self.now = now
+        self.send_date = send_date
+        self.requests: list[httpx.Request] = []
+        self.answers: list[Answer] = []
+        self.token = ims_token()
+        self.on_request: Callable[[], None] = lambda: None
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        self.on_request()
+        response = self.answer(request)
+        if self.send_date:
+            response.headers["Date"] = formatdate(self.now, usegmt=True)
+        return response
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        if self.answers:
+            answer = self.answers.pop(0)
+            return answer(request) if callable(answer) else answer
+        assertion = form(request)["jwt_token"][0]
+        claims = jwt.decode(
+            assertion,
+            key_pair().public_key,
+            algorithms=["RS256"],
+            audience=f"{BASE}/c/cm-p123-e1234",
+            options={"verify_exp": False, "verify_iat": False},
+        )
+        if claims["exp"] < self.now - 30:  # IMS allows 30 s of skew
+            return error_answer(400, "invalid_token", "JWT expired", **{"X-Debug-Id": "dbg-1"})
+        body = {"token_type": "bearer", "access_token": self.token, "expires_in": 86399999}
+        return httpx.Response(200, json=body)
+
+    def client(self, clock: FakeClock | None = None, **kwargs: Any) -> IMSClient:
+        return IMSClient(
+            clock=clock or FakeClock(), transport=httpx.MockTransport(self.handler), **kwargs
+        )
+
+
+# --- pure pieces ----------------------------------------------------------------------------------
+
+
+def test_build_jwt_claims_exactly():
+    claims = build_jwt_claims(credential(), now_wall=1_800_000_000.9, lifetime=300)
+    assert claims == {
+        "exp": 1_800_000_300,
+        "iat": 1_800_000_000,
+        "iss": "1234ABCD@AdobeOrg",
+        "sub": "ABC123@techacct.adobe.com",
+        "aud": "https://ims-na1.adobelogin.com/c/cm-p123-e1234",
+        "https://ims-na1.adobelogin.com/s/ent_aem_cloud_sdk": True,
+        "https://ims-na1.adobelogin.com/s/ent_cloudmgr_sdk": True,
+    }
+    assert type(claims["exp"]) is int
+    assert type(claims["iat"]) is int
+
+
+def test_build_jwt_claims_for_a_loopback_base():
+    cred = credential(imsEndpoint="http://127.0.0.1:8080", metascopes="ent_aem_cloud_api")
+    claims = build_jwt_claims(cred, now_wall=100.0, lifetime=60)
+    assert claims["aud"] == "http://127.0.0.1:8080/c/cm-p123-e1234"
+    assert claims["http://127.0.0.1:8080/s/ent_aem_cloud_api"] is True
+    assert claims["exp"] == 160
+
+
+OPAQUE = "not-a-jwt"
+
+
+@pytest.mark.parametrize(
+    ("token", "answered", "unit_ms", "lifetime"),
+    [
+        (ims_token(), 1, True, 86399.999),  # the token's own expires_in wins, in ms
+        (ims_token({"expires_in": 3600000}), None, True, 3600.0),
+        (ims_token({"expires_in": "3600000"}), 86399, False, 3600.0),
+        (OPAQUE, 86399999, True, 86399.999),  # the ms-vs-s trap: not 999 days
+        (OPAQUE, "86399999", True, 86399.999),
+        (OPAQUE, 86399, False, 86399.0),
+        (ims_token({"expires_in": "0"}), 86399999, True, 86399.999),
+        (ims_token({"expires_in": "-5"}), 86399999, True, 86399.999),
+        (ims_token({"expires_in": "NaN"}), 86399999, True, 86399.999),
+        (ims_token({"expires_in": True}), 86399999, True, 86399.999),
+        (ims_token({"expires_in": str(400 * 86400 * 1000)}), 86399999, True, 86399.999),
+        (ims_token({"created_at": "1"}), 86399999, True, 86399.999),
+        ("a.!!!.c", 86399999, True, 86399.999),
+        ("a." + base64.urlsafe_b64encode(b"[1]").decode() + ".c", 5000, True, 5.0),
+    ],
+)
+def test_token_lifetime(token, answered, unit_ms, lifetime):
+    assert token_lifetime(token, answered, unit_ms=unit_ms) == lifetime
+
+
+@pytest.mark.parametrize("answered", [None, 0, -1, "soon", True, float("inf"), 10**400, [1]])
+def test_token_lifetime_unusable(answered):
+    with pytest.raises(IMSTransientError, match="IMS answered 200 without a usable token"):
+        token_lifetime(OPAQUE, answered, unit_ms=True)
+
+
+def test_parse_retry_after():
+    assert parse_retry_after("120", now_wall=IMS_NOW) == 120.0
+    assert parse_retry_after(formatdate(IMS_NOW + 30, usegmt=True), now_wall=IMS_NOW) == 30.0
+    assert parse_retry_after(formatdate(IMS_NOW - 30, usegmt=True), now_wall=IMS_NOW) == 0.0
+    assert parse_retry_after("Fri, 15 Jan 2027 08:00:30 -0000", now_wall=IMS_NOW) == 30.0
+    assert parse_retry_after("soon", now_wall=IMS_NOW) is None
+    assert parse_retry_after(None, now_wall=IMS_NOW) is None
+
+
+def test_grant_repr_hides_the_token():
+    grant = Grant(access_token=Secret("tok"), lifetime=1.0, sent=Now(1.0, 2.0))
+    assert "tok" not in repr(grant)
+
+
+# --- the JWT exchange -----------------------------------------------------------------------------
+
+
+async def test_exchange_sends_exactly_what_ims_expects():
+    ims = FakeIMS()
+    clock = FakeClock()
+    ims.on_request = lambda: clock.advance(2.5)  # the network takes a while
+    async with ims.client(clock) as client:
+        grant = await client.fetch(credential())
+    assert grant.access_token == Secret(ims.token)
+    assert grant.lifetime == 86399.999
+    assert grant.sent == Now(IMS_NOW, 1000.0)  # read before sending, not after the answer
+
+    (request,) = ims.requests
+    assert request.method == "POST"
+    assert str(request.url) == f"{BASE}/ims/exchange/jwt"
+    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert request.headers["user-agent"] == f"aemagent/{__version__}"
+    assert "authorization" not in request.headers
+    fields = form(request)
+    assert sorted(fields) == ["client_id", "client_secret", "jwt_token"]
+    assert fields["client_id"] == ["cm-p123-e1234"]
+    assert fields["client_secret"] == [CLIENT_SECRET]
+
+    assertion = fields["jwt_token"][0]
+    header = json.loads(base64.urlsafe_b64decode(assertion.split(".")[0] + "=="))
+    assert header == {"alg": "RS256", "typ": "JWT"}
+    claims = jwt.decode(
+        assertion,
+        key_pair().public_key,
+        algorithms=["RS256"],
+        audience=f"{BASE}/c/cm-p123-e1234",
+        options={"verify_exp": False, "verify_iat": False},
+    )
+    assert claims == build_jwt_claims(credential(), now_wall=IMS_NOW, lifetime=300)
+
+
+async def test_exchange_with_a_loopback_base_and_custom_jwt_lifetime():
+    ims = FakeIMS()
+    ims.answers.append(httpx.Response(200, json={"access_token": "opaque", "expires_in": 5000}))
+    async with ims.client(jwt_lifetime=60) as client:
+        grant = await client.fetch(credential(imsEndpoint="http://localhost:4502"))
+    assert str(ims.requests[0].url) == "http://localhost:4502/ims/exchange/jwt"
+    assert grant.lifetime == 5.0  # the response's expires_in, in ms at this endpoint
+    claims = jwt.decode(form(ims.requests[0])["jwt_token"][0], options={"verify_signature": False})
+    assert claims["exp"] == IMS_NOW + 60
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(200, text="<html>proxy says hi</html>"),
+        httpx.Response(200, json=["access_token"]),
+        httpx.Response(200, json={"token_type": "bearer", "expires_in": 86399999}),
+        httpx.Response(200, json={"access_token": "", "expires_in": 86399999}),
+        httpx.Response(200, json={"access_token": "two words", "expires_in": 86399999}),
+        httpx.Response(200, json={"access_token": 12, "expires_in": 86399999}),
+        httpx.Response(200, json={"access_token": "opaque"}),
+        httpx.Response(200, json={"access_token": "opaque", "expires_in": 400 * 86400 * 1000}),
+    ],
+)
+async def test_unusable_success_is_transient(answer):
+    ims = FakeIMS()
+    ims.answers.append(answer)
+    async with ims.client() as client:
+        with pytest.raises(IMSTransientError, match="IMS answered 200 without a usable token"):
+            await client.fetch(credential())
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+REVOKED = "the certificate may have been revoked in the AEM Developer Console"
+DELETED = (
+    "check client id and secret; the credential may have been deleted in the AEM Developer Console"
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind", "hint"),
+    [
+        (
+            error_answer(400, "invalid_client", "invalid client_id parameter"),
+            IMSPermanentError,
+            DELETED,
+        ),
+        (
+            error_answer(401, "invalid_client", "invalid client_id or client_secret"),
+            IMSPermanentError,
+            DELETED,
+        ),
+        (
+            error_answer(
+                400, "invalid_token", "Could not match JWT signature to any of the bindings"
+            ),
+            IMSPermanentError,
+            REVOKED,
+        ),
+        (error_answer(400, "invalid_signature", "bad signature"), IMSPermanentError, REVOKED),
+        (
+            error_answer(400, "invalid_scope", "The metascopes in the JWT are not a subset"),
+            IMSPermanentError,
+            "the metascopes do not match the integration",
+        ),
+        (error_answer(400, "bad_request", "iss is missing"), IMSPermanentError, None),
+        (error_answer(403, None), IMSPermanentError, None),
+        (error_answer(500, "server_error", "oops"), IMSTransientError, None),
+        (httpx.Response(502, text="<html>Bad Gateway</html>"), IMSTransientError, None),
+        (error_answer(503, None), IMSTransientError, None),
+        (error_answer(429, None), IMSTransientError, None),
+        (httpx.Response(302, headers={"Location": "https://elsewhere"}), IMSTransientError, None),
+    ],
+)
+async def test_error_mapping(answer, kind, hint):
+    answer.headers["X-Debug-Id"] = "a1b2c3"
+    ims = FakeIMS()
+    ims.answers.append(answer)
+    async with ims.client() as client:
+        with pytest.raises(IMSError) as info:
+            await client.fetch(credential())
+    error = info.value
+    assert type(error) is kind
+    assert error.http_status == answer.status_code
+    assert error.hint == hint
+    assert error.debug_id == "a1b2c3"
+    message = str(error)
+    assert "X-Debug-Id a1b2c3" in message
+    assert f"HTTP {answer.status_code}" in message
+    if error.error:
+        assert f"IMS said {error.error}: {error.description}" in message
+    assert len(ims.requests) == 1  # nothing is retried here but the clock-skew case
+
+
+async def test_long_descriptions_are_cut():
+    ims = FakeIMS()
+    ims.answers.append(error_answer(400, "bad_request", "x" * 1000))
+    async with ims.client() as client:
+        with pytest.raises(IMSPermanentError) as info:
+            await client.fetch(credential())
+    assert info.value.description == "x" * 297 + "..."
+
+
+async def test_error_message_shape():
+    ims = FakeIMS()
+    ims.answers.append(
+        error_answer(401, "invalid_client", "invalid client_id", **{"X-Debug-Id": "xyz"})
+    )
+    async with ims.client() as client:
+        with pytest.raises(IMSPermanentError) as info:
+            await client.fetch(credential())
+    assert str(info.value) == (
+        "IMS refused the credential (HTTP 401); IMS said invalid_client: invalid client_id; "
+        "X-Debug-Id xyz (check client id and secret; "
+        "the credential may have been deleted in the AEM Developer Console)"
+    )
+
+
+async def test_retry_after_seconds_and_date():
+    ims = FakeIMS()
+    ims.answers.append(error_answer(429, None, **{"Retry-After": "120"}))
+    # An HTTP date is read against IMS's own Date header, not this machine's clock.
+    ims.answers.append(
+        error_answer(503, None, **{"Retry-After": formatdate(IMS_NOW + 30, usegmt=True)})
+    )
+    async with ims.client(FakeClock(wall=IMS_NOW - 999)) as client:
+        with pytest.raises(IMSTransientError, match="throttling") as info:
+            await client.fetch(credential())
+        assert info.value.retry_after == 120.0
+        with pytest.raises(IMSTransientError, match="unavailable") as info:
+            await client.fetch(credential())
+        assert info.value.retry_after == 30.0
+
+
+async def test_connection_errors_are_transient():
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    ims = FakeIMS()
+    ims.answers.append(refuse)
+    async with ims.client() as client:
+        with pytest.raises(IMSTransientError) as info:
+            await client.fetch(credential())
+    assert str(info.value) == (
+        "could not reach IMS at ims-na1.adobelogin.com: [Errno 111] Connection refused"
+    )
+    assert isinstance(info.value.__cause__, httpx.ConnectError)
+
+
+async def test_tls_failure_hints_at_the_ca():
+    def untrusted(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+
+    ims = FakeIMS()
+    ims.answers.append(untrusted)
+    async with ims.client() as client:
+        with pytest.raises(IMSTransientError) as info:
+            await client.fetch(credential())
+    assert info.value.hint is not None
+    assert "SSL_CERT_FILE" in info.value.hint
+
+
+async def test_httpx_timeout_is_transient():
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    ims = FakeIMS()
+    ims.answers.append(slow)
+    async with ims.client() as client:
+        with pytest.raises(IMSTransientError, match=r"did not answer within 20 s"):
+            await client.fetch(credential())
+
+
+async def test_total_timeout(autojump_clock):
+    async def hang(request: httpx.Request) -> httpx.Response:
+        await trio.sleep(3600)
+        return httpx.Response(200)
+
+    client = IMSClient(clock=FakeClock(), transport=httpx.MockTransport(hang), timeout=7.5)
+    async with client:
+        start = trio.current_time()
+        with pytest.raises(
+            IMSTransientError, match=r"IMS at ims-na1.adobelogin.com did not answer within 7.5 s"
+        ):
+            await client.fetch(credential())
+        assert trio.current_time() - start == pytest.approx(7.5)
+
+
+async def test_plain_http_to_a_remote_host_is_refused():
+    cred = credential()
+    remote = ServiceCredential(
+        client_id=cred.client_id,
+        client_secret=cred.client_secret,
+        org_id=cred.org_id,
+        technical_account_id=cred.technical_account_id,
+        technical_account_email=None,
+        ims_base="http://ims-na1.adobelogin.com",
+        metascopes=cred.metascopes,
+        private_key=cred.private_key,
+        certificate_expires_at=None,
+    )
+    ims = FakeIMS()
+    async with ims.client() as client:
+        with pytest.raises(IMSPermanentError, match="refusing to send credentials"):
+            await client.fetch(remote)
+    assert ims.requests == []
+
+
+# --- the clock-skew retry -------------------------------------------------------------------------
+
+
+async def test_clock_skew_retry_succeeds_with_a_fresh_body(caplog):
+    caplog.set_level(logging.DEBUG)
+    ims = FakeIMS()
+    slow_clock = FakeClock(wall=IMS_NOW - 3600)  # an hour behind: every JWT looks expired
+    async with ims.client(slow_clock) as client:
+        grant = await client.fetch(credential())
+    assert grant.access_token == Secret(ims.token)
+    first, second = ims.requests
+    assert first.content != second.content  # the retry reached IMS with a body of its own
+    first_jwt, second_jwt = (form(r)["jwt_token"][0] for r in (first, second))
+    assert first_jwt != second_jwt
+    claims = jwt.decode(second_jwt, options={"verify_signature": False})
+    assert claims["exp"] == IMS_NOW + 300  # computed from IMS's Date header
+    assert claims["iat"] == IMS_NOW
+    assert "retrying once on IMS's clock (-3600 s off)" in caplog.text
+    assert CLIENT_SECRET not in caplog.text
+    assert first_jwt not in caplog.text
+    assert second_jwt not in caplog.text
+
+
+async def test_clock_skew_error_after_the_retry_fails_too():
+    ims = FakeIMS()
+    expired = error_answer(400, "invalid_token", "JWT Expired", **{"X-Debug-Id": "d9"})
+    ims.answers += [expired, expired, expired]
+    async with ims.client(FakeClock(wall=IMS_NOW + 620.4)) as client:
+        with pytest.raises(ClockSkewError) as info:
+            await client.fetch(credential())
+    assert len(ims.requests) == 2
+    error = info.value
+    assert isinstance(error, IMSPermanentError)
+    assert error.hint == "clock skew: this machine's clock differs from IMS's by 620 s"
+    assert str(error) == (
+        "IMS says the JWT expired (HTTP 400); IMS said invalid_token: JWT Expired; "
+        "X-Debug-Id d9 (clock skew: this machine's clock differs from IMS's by 620 s)"
+    )
+
+
+async def test_clock_skew_without_a_date_header_is_not_retried():
+    ims = FakeIMS(send_date=False)
+    async with ims.client(FakeClock(wall=IMS_NOW - 3600)) as client:
+        with pytest.raises(ClockSkewError, match="clock skew: check this machine's clock"):
+            await client.fetch(credential())
+    assert len(ims.requests) == 1
+
+
+async def test_other_error_on_the_retry_is_raised_as_is():
+    ims = FakeIMS()
+    ims.answers += [
+        error_answer(400, "invalid_token", "JWT expired"),
+        error_answer(503, "server_error", "down"),
+    ]
+    async with ims.client() as client:
+        with pytest.raises(IMSTransientError, match="IMS is unavailable"):
+            await client.fetch(credential())
+
+
+# --- secrets never leak ---------------------------------------------------------------------------
+
+
+def echo_body(request: httpx.Request) -> httpx.Response:
+    """A hostile middlebox that quotes what it was sent."""
+    text = request.content.decode()
+    return httpx.Response(400, json={"error": text[:80], "error_description": text})
+
+
+async def test_no_secret_in_any_error_or_log(caplog):
+    caplog.set_level(logging.DEBUG)
+    scripts: list[list[Answer]] = [
+        [echo_body],
+        [error_answer(401, "invalid_client", "bad")],
+        [error_answer(400, "invalid_token", "JWT expired")] * 2,
+        [httpx.Response(200, json={"access_token": ims_token({"expires_in": -1})})],
+        [httpx.Response(500, text="boom")],
+    ]
+    for script in scripts:
+        ims = FakeIMS()
+        ims.token = ims_token({"expires_in": "-1"})
+        ims.answers += script
+        async with ims.client() as client:
+            with pytest.raises(IMSError) as info:
+                await client.fetch(credential())
+        shown = f"{info.value} {info.value!r} {info.value.description} {info.value.error}"
+        secrets = [CLIENT_SECRET, ims.token, ims_token()]
+        for request in ims.requests:  # the JWT's claims and signature, not its common header
+            secrets += form(request)["jwt_token"][0].split(".")[1:]
+        for secret in secrets:
+            for chunk in (secret[i : i + 16] for i in range(0, len(secret) - 15, 8)):
+                assert chunk not in shown
+                assert chunk not in caplog.text
+        if script == [echo_body]:
+            assert info.value.error is None  # not an identifier, so not shown
+            assert "client_secret=<redacted>&jwt_token=<redacted>" in str(info.value)
+
+
+# --- networking: proxies and CAs ------------------------------------------------------------------
+
+
+def test_client_options_decide_proxy_and_ca(tmp_path):
+    plain = IMSClient(clock=FakeClock())
+    assert plain.client_options(loopback=True) == {
+        "trust_env": False,
+        "proxy": None,
+        "verify": True,
+    }
+    assert plain.client_options(loopback=False) == {
+        "trust_env": True,
+        "proxy": None,
+        "verify": True,
+    }
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text(key_pair().cert_pem)
+    custom = IMSClient(clock=FakeClock(), proxy="http://proxy.corp:3128", ca_file=str(ca))
+    remote = custom.client_options(loopback=False)
+    assert remote["trust_env"] is True
+    assert remote["proxy"] == "http://proxy.corp:3128"
+    assert isinstance(remote["verify"], ssl.SSLContext)
+    loopback = custom.client_options(loopback=True)
+    assert loopback["trust_env"] is False
+    assert loopback["proxy"] is None
+
+
+def test_bad_proxy_url_is_a_config_error():
+    with pytest.raises(ConfigError, match="proxy must be"):
+        IMSClient(clock=FakeClock(), proxy="proxy.corp:3128")
+
+
+async def test_unreadable_ca_file_is_reported(tmp_path):
+    async with IMSClient(clock=FakeClock(), ca_file=str(tmp_path / "missing.pem")) as client:
+        with pytest.raises(
+            IMSTransientError, match=r"cannot load CA certificates from .*missing\.pem"
+        ):
+            await client.fetch(credential())
+
+
+async def start_server(nursery: trio.Nursery, answer: bytes) -> tuple[int, list[bytes]]:
+    """A one-shot-per-connection HTTP server on 127.0.0.1 that records what it receives."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    seen: list[bytes] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    return
+                data += chunk
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", data)
+            while length and len(data.partition(b"\r\n\r\n")[2]) < int(length.group(1)):
+                data += await stream.receive_some()
+            seen.append(data)
+            await stream.send_all(answer)
+
+    await nursery.start(trio.serve_listeners, handle, listeners)
+    return listeners[0].socket.getsockname()[1], seen
+
+
+PROXY_VARS = ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"]
+
+
+def set_proxies(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    for name in PROXY_VARS:
+        monkeypatch.setenv(name, url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+
+
+async def test_loopback_ims_ignores_proxy_environment(nursery, monkeypatch):
+    body = json.dumps({"access_token": ims_token(), "expires_in": 86399999}).encode()
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    answer += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    port, seen = await start_server(nursery, answer)
+    set_proxies(monkeypatch, "http://127.0.0.1:1")  # a dead proxy: using it would fail
+    async with IMSClient(clock=FakeClock()) as client:
+        grant = await client.fetch(credential(imsEndpoint=f"http://127.0.0.1:{port}"))
+    assert grant.lifetime == 86399.999
+    (request,) = seen
+    assert request.startswith(b"POST /ims/exchange/jwt HTTP/1.1\r\n")
+
+
+async def test_remote_ims_goes_through_the_environment_proxy(nursery, monkeypatch):
+    port, seen = await start_server(nursery, b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    set_proxies(monkeypatch, f"http://127.0.0.1:{port}")
+    async with IMSClient(clock=FakeClock()) as client:
+        with pytest.raises(IMSTransientError, match="could not reach IMS"):
+            await client.fetch(credential())
+    assert seen[0].startswith(b"CONNECT ims-na1.adobelogin.com:443 HTTP/1.1\r\n")
+
+
+async def test_explicit_proxy_wins_over_the_environment(nursery, monkeypatch):
+    port, seen = await start_server(nursery, b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    set_proxies(monkeypatch, "http://127.0.0.1:1")
+    async with IMSClient(clock=FakeClock(), proxy=f"http://127.0.0.1:{port}") as client:
+        with pytest.raises(IMSTransientError):
+            await client.fetch(credential())
+    assert seen[0].startswith(b"CONNECT ims-na1.adobelogin.com:443 ")
+
+
+async def test_proxy_login_required_gets_a_hint(nursery):
+    answer = b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n"
+    port, _ = await start_server(nursery, answer)
+    async with IMSClient(clock=FakeClock(), proxy=f"http://127.0.0.1:{port}") as client:
+        with pytest.raises(IMSTransientError, match="407 Proxy Authentication Required") as info:
+            await client.fetch(credential())
+    assert info.value.hint == "the proxy wants a login: put user and password in the proxy URL"
