@@ -1,0 +1,203 @@
+"""Real processes for integration tests: the IMS emulator and the agent, each in a context manager
+that always stops what it started.
+
+Everything runs the installed code the way a user would (`python -m aemagent …`,
+`python -m aemagent.helper …`), talks over loopback HTTP and a real Unix socket, and is bounded
+in time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Every process gets this long for one step; CI machines are slow and shared.
+STEP_TIMEOUT = 30.0
+
+# Proxies must never see loopback traffic; tests prove the agent ignores them for loopback.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def base_env(sock: str | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AEMAGENT_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    if sock is not None:
+        env["AEMAGENT_SOCK"] = sock
+    env.update(extra)
+    return env
+
+
+def aemagent(*args: str) -> list[str]:
+    return [sys.executable, "-m", "aemagent", *args]
+
+
+def aem_token(*args: str) -> list[str]:
+    return [sys.executable, "-m", "aemagent.helper", *args]
+
+
+def run(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    stdin: bytes | None = None,
+    timeout: float = STEP_TIMEOUT,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv,
+        input=None if stdin is None else stdin.decode(),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL if stdin is None else None,
+    )
+
+
+def _stop(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class EmulatorProcess:
+    proc: subprocess.Popen[bytes]
+    url: str
+    credentials: dict[str, str]
+
+    def http(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with _OPENER.open(req, timeout=10) as response:
+            raw = response.read()
+        return json.loads(raw) if raw.strip() else None
+
+    def fault(self, **fault: Any) -> None:
+        self.http("POST", "/_emulator/faults", fault)
+
+    def requests(self, endpoint: str | None = None) -> list[dict[str, Any]]:
+        seen = self.http("GET", "/_emulator/requests")
+        return [r for r in seen if endpoint is None or r.get("endpoint") == endpoint]
+
+    def clear(self) -> None:
+        self.http("DELETE", "/_emulator/requests")
+        self.http("DELETE", "/_emulator/faults")
+        self.http("POST", "/_emulator/clock", {"offset": 0})
+
+    def aem(self, path: str, headers: dict[str, str]) -> tuple[int, str]:
+        req = urllib.request.Request(self.url + path, headers=headers)
+        try:
+            with _OPENER.open(req, timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+
+@contextlib.contextmanager
+def emulator(directory: Path, *args: str) -> Iterator[EmulatorProcess]:
+    creds = directory / "credentials"
+    log = (directory / "emulator.log").open("wb")
+    proc = subprocess.Popen(
+        aemagent("emulator", "--port", "0", "--write-credentials", str(creds), *args),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        env=base_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(
+                f"emulator did not start: {(directory / 'emulator.log').read_text()}"
+            )
+        started = json.loads(line)
+        yield EmulatorProcess(proc, started["url"], started["credentials"])
+    finally:
+        _stop(proc)
+        if proc.stdout:
+            proc.stdout.close()
+        log.close()
+
+
+@dataclass
+class AgentProcess:
+    proc: subprocess.Popen[bytes]
+    sock: str
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        return run(aemagent(*args), self.env, stdin=stdin)
+
+    def token(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run(aem_token(*args), self.env)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        _stop(self.proc, sig)
+        return self.proc.returncode
+
+
+def wait_for_agent(
+    sock: str, proc: subprocess.Popen[Any] | None = None, timeout: float = 20.0
+) -> int:
+    from aemagent.launch import agent_pid
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = agent_pid(sock)
+        if pid is not None:
+            return pid
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"agent exited with code {proc.returncode}")
+        time.sleep(0.02)
+    raise RuntimeError(f"no agent answered on {sock}")
+
+
+@contextlib.contextmanager
+def agent(directory: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[AgentProcess]:
+    # A short private directory: socket paths are limited to 107 bytes, test names are long.
+    sockdir = Path(tempfile.mkdtemp(prefix="aemt-"))
+    sock = str(sockdir / "agent.sock")
+    log_path = directory / "agent.log"
+    env = base_env(sock, **(env or {}))
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            aemagent("serve", "--socket", sock, "--log-level", "debug", *args),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+        )
+    try:
+        wait_for_agent(sock, proc)
+        yield AgentProcess(proc, sock, log_path, env)
+    finally:
+        _stop(proc)
+        shutil.rmtree(sockdir, ignore_errors=True)
