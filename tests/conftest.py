@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import procs
+import pytest
 
 
 @pytest.fixture(scope="module")
