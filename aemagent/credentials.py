@@ -1,80 +1,64 @@
 """Credentials: parse what users download into frozen objects whose secrets never show themselves.
 
-`parse_credential` first detects the kind of credential, then hands it to that kind's parser. Every
-complaint is one `CredentialError` line that names the field by its JSON path; for a secret field
-(client secret, private key) it gives the type and length, never the value, not even partly.
+Three kinds, each in its own module, all importable from here: AEM service credentials (below),
+OAuth server-to-server credentials (`credentials_oauth`) and local development tokens
+(`credentials_devtoken`). `parse_credential` first detects the kind, then hands the input to that
+kind's parser. Every complaint is one `CredentialError` line that names the field by its JSON
+path; for a secret field (client secret, private key, token) it gives the type and length, never
+the value, not even partly.
+
+Every kind has the attributes the agent reads: `kind`, `refreshable`, `client_id`, `org_id`,
+`technical_account_id`, `certificate_expires_at`, `digest`, `default_name()`, `derived_hosts()`.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
-import ipaddress
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, ClassVar, NoReturn, TypeAlias
-from urllib.parse import urlsplit
+from typing import Any, ClassVar, TypeAlias
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
+from aemagent.credentials_devtoken import (
+    DevToken,
+    looks_like_token,
+    parse_dev_token,
+    parse_dev_token_json,
+)
+from aemagent.credentials_fields import (
+    DEFAULT_IMS_BASE,
+    Secret,
+    canonical_digest,
+    describe,
+    fail,
+    ims_base_from_endpoint,
+    is_loopback_host,
+    required,
+    scope_list,
+    text_field,
+    token_field,
+)
+from aemagent.credentials_oauth import OAUTH_KEYS, OAuthCredential, parse_oauth
 from aemagent.errors import CredentialError
 
 __all__ = [
+    "DEFAULT_IMS_BASE",
     "Credential",
+    "DevToken",
+    "OAuthCredential",
     "Secret",
     "ServiceCredential",
     "ims_base_from_endpoint",
     "is_loopback_host",
     "parse_credential",
 ]
-
-
-class Secret:
-    """A str that never shows itself: repr, str and format are redacted; == is constant-time."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    def reveal(self) -> str:
-        return self._value
-
-    def __len__(self) -> int:
-        return len(self._value)
-
-    def __repr__(self) -> str:
-        return f"Secret(<redacted, {len(self._value)} chars>)"
-
-    __str__ = __repr__
-
-    def __format__(self, spec: str) -> str:
-        return repr(self)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Secret):
-            return NotImplemented
-        return hmac.compare_digest(_utf8(self._value), _utf8(other._value))
-
-    # Unhashable: a hash would be a cheap equality oracle, and nothing needs Secrets as keys.
-    __hash__ = None  # type: ignore[assignment]
-
-    # Immutable, so copies may share; pickling would be a way onto disk, so it is refused.
-    def __copy__(self) -> Secret:
-        return self
-
-    def __deepcopy__(self, memo: object) -> Secret:
-        return self
-
-    def __reduce__(self) -> NoReturn:
-        raise TypeError("a Secret cannot be pickled")
 
 
 @dataclass(frozen=True, repr=False, eq=False)
@@ -112,13 +96,20 @@ class ServiceCredential:
         name = re.sub(r"[^a-z0-9._-]+", "-", self.client_id.lower()).strip("-._")
         return name[:64] or "service"
 
+    def derived_hosts(self) -> tuple[str, ...]:
+        """`*-p123-e1234.adobeaemcloud.com` for a `cm-p123-e1234[-suffix]` client id, else ().
 
-# Grows into a union as more kinds (OAuth server-to-server, local development token) arrive.
-Credential: TypeAlias = ServiceCredential
+        The one pattern covers the environment's author-, publish- and preview- hosts, and no
+        other environment: the dash before `p` and the dot after the environment id are literal.
+        """
+        match = _PROGRAM_ENV.match(self.client_id)
+        return (f"*-{match.group(1).lower()}.adobeaemcloud.com",) if match else ()
 
-_PROGRAM_ENV = re.compile(r"cm-(p\d+-e\d+)(?:-.*)?\Z", re.IGNORECASE | re.DOTALL)
-_HOST_NAME = re.compile(r"[a-z0-9-]+(\.[a-z0-9-]+)*\.?\Z")
-_DIGEST_DOMAIN = b"aemagent-credential-v1\0"
+
+Credential: TypeAlias = ServiceCredential | OAuthCredential | DevToken
+
+# ASCII digits only: `\d` would also take other scripts' digits, which no host name holds.
+_PROGRAM_ENV = re.compile(r"cm-(p[0-9]+-e[0-9]+)(?:-.*)?\Z", re.IGNORECASE | re.DOTALL)
 # A cert expiry below this is in seconds, not ms: 1e11 s is the year 5138, 1e11 ms is 1973.
 _MS_THRESHOLD = 1e11
 
@@ -129,79 +120,101 @@ def _service_digest(cred: ServiceCredential) -> str:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fields = {
-        "kind": cred.kind,
-        "client_id": cred.client_id,
-        "client_secret": cred.client_secret.reveal(),
-        "org_id": cred.org_id,
-        "technical_account_id": cred.technical_account_id,
-        "technical_account_email": cred.technical_account_email,
-        "ims_base": cred.ims_base,
-        "metascopes": list(cred.metascopes),
-        "private_key": base64.b64encode(key_der).decode("ascii"),
-        "certificate_expires_at": cred.certificate_expires_at,
-    }
-    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(_DIGEST_DOMAIN + canonical.encode("ascii")).hexdigest()
-
-
-def _utf8(text: str) -> bytes:
-    return text.encode("utf-8", "surrogatepass")
+    return canonical_digest(
+        {
+            "kind": cred.kind,
+            "client_id": cred.client_id,
+            "client_secret": cred.client_secret.reveal(),
+            "org_id": cred.org_id,
+            "technical_account_id": cred.technical_account_id,
+            "technical_account_email": cred.technical_account_email,
+            "ims_base": cred.ims_base,
+            "metascopes": list(cred.metascopes),
+            "private_key": base64.b64encode(key_der).decode("ascii"),
+            "certificate_expires_at": cred.certificate_expires_at,
+        }
+    )
 
 
 # --- kind detection -------------------------------------------------------------------------------
 
 _SERVICE_KEYS = frozenset({"technicalAccount", "imsEndpoint", "metascopes", "privateKey"})
 _UNDERSTOOD = (
-    "expected AEM service credentials JSON from the AEM Developer Console "
-    '(an object with "integration", or the "integration" object itself)'
+    'expected AEM service credentials (an object with "integration"), '
+    'OAuth server-to-server credentials (an object with "client_id" and "client_secret", '
+    'or "CLIENT_ID" and "CLIENT_SECRETS" as the Adobe Developer Console downloads them) '
+    'or a local development token (an object with "accessToken", or the bare token)'
 )
 
 
 def parse_credential(raw: bytes | str | Mapping[str, Any]) -> Credential:
-    """Parse any credential aemagent understands; raise CredentialError naming what is wrong."""
-    obj = _load_json(raw) if isinstance(raw, (bytes, str)) else raw
+    """Parse any credential aemagent understands; raise CredentialError naming what is wrong.
+
+    `raw` is JSON text (bytes or str), an already parsed JSON object, or a bare token.
+    """
+    if isinstance(raw, bytes):
+        raw = _decode(raw)
+    if isinstance(raw, str):
+        text = raw.removeprefix("\ufeff")
+        if looks_like_token(text):  # never valid JSON, so no JSON could be mistaken for one
+            return parse_dev_token(text)
+        obj = _load_json(text)
+        if isinstance(obj, str) and looks_like_token(obj):  # a token as a JSON string
+            return parse_dev_token(obj)
+    else:
+        obj = raw
     if not isinstance(obj, Mapping):
         raise CredentialError(
-            f"credential must be a JSON object, got {_describe(obj, secret=True)}"
+            f"credential must be a JSON object or a bare token, got {describe(obj, secret=True)}"
         )
-    parser, body, prefix = _detect_kind(obj)
-    return parser(body, prefix)
+    return _parse_object(obj)
 
 
-def _detect_kind(
-    obj: Mapping[Any, Any],
-) -> tuple[Callable[[Mapping[Any, Any], str], Credential], Mapping[Any, Any], str]:
-    """Say which parser reads `obj`, the object it reads and the JSON path prefix of its fields."""
+def _parse_object(obj: Mapping[Any, Any]) -> Credential:
+    """Detect the kind of a JSON object and parse it as that kind."""
+    # AEM's own sample tells its two files apart by `accessToken` (IMS.md 1.3).
+    if "accessToken" in obj:
+        return parse_dev_token_json(obj)
     if "integration" in obj:
         integration = obj["integration"]
         if not isinstance(integration, Mapping):
-            _fail("integration", f"must be an object, got {_describe(integration, secret=True)}")
-        return _parse_service, integration, "integration."
+            fail("integration", f"must be an object, got {describe(integration, secret=True)}")
+        return _parse_service(integration, "integration.")
     if _SERVICE_KEYS & obj.keys():
-        return _parse_service, obj, ""
+        return _parse_service(obj, "")
+    if OAUTH_KEYS & obj.keys():
+        return parse_oauth(obj)
     if obj.get("ok") is False:
         status = obj.get("statusCode")
         code = f" (statusCode {status})" if isinstance(status, int) else ""
         raise CredentialError(
-            f"this is an error answer from the AEM Developer Console{code}, not credentials; "
-            "download the service credentials again"
+            f"this is an error answer from the AEM Developer Console{code}, not a credential; "
+            "download it again"
         )
     raise CredentialError(f"not a credential aemagent understands: {_UNDERSTOOD}")
 
 
-def _load_json(raw: bytes | str) -> Any:
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise CredentialError(
-                f"credential is not UTF-8 text (bad byte at offset {exc.start})"
-            ) from None
+def _decode(raw: bytes) -> str:
     try:
-        return json.loads(raw.removeprefix("\ufeff"))
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CredentialError(
+            f"credential is not UTF-8 text (bad byte at offset {exc.start})"
+        ) from None
+
+
+def _load_json(text: str) -> Any:
+    if not text.strip():
+        raise CredentialError("credential is empty")
+    try:
+        return json.loads(text)
     # The messages are built from the error's position, never from the input text.
     except json.JSONDecodeError as exc:
+        if exc.msg == "Expecting value" and not text[: exc.pos].strip():
+            raise CredentialError(
+                "credential is neither JSON nor a bare access token "
+                "(three base64url parts separated by dots)"
+            ) from None
         raise CredentialError(
             f"credential is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
@@ -215,32 +228,34 @@ def _load_json(raw: bytes | str) -> Any:
 
 
 def _parse_service(body: Mapping[Any, Any], prefix: str) -> ServiceCredential:
-    account = _required(body, "technicalAccount", prefix)
+    account = required(body, "technicalAccount", prefix)
     account_path = f"{prefix}technicalAccount"
     if not isinstance(account, Mapping):
-        _fail(account_path, f"must be an object, got {_describe(account, secret=True)}")
-    client_id = _token_text(account, "clientId", f"{account_path}.")
-    client_secret = _text(account, "clientSecret", f"{account_path}.", secret=True)
-    org_id = _token_text(body, "org", prefix)
-    account_id = _token_text(body, "id", prefix)
+        fail(account_path, f"must be an object, got {describe(account, secret=True)}")
+    client_id = token_field(account, "clientId", f"{account_path}.")
+    client_secret = text_field(account, "clientSecret", f"{account_path}.", secret=True)
+    org_id = token_field(body, "org", prefix)
+    account_id = token_field(body, "id", prefix)
     email = body.get("email")
     if email is not None:
-        email = _token_text(body, "email", prefix)
-    endpoint = _text(body, "imsEndpoint", prefix)
+        email = token_field(body, "email", prefix)
+    endpoint = text_field(body, "imsEndpoint", prefix)
     ims_base = ims_base_from_endpoint(endpoint, field=f"{prefix}imsEndpoint")
-    metascopes = _metascopes(_required(body, "metascopes", prefix), f"{prefix}metascopes")
+    metascopes = scope_list(
+        required(body, "metascopes", prefix), f"{prefix}metascopes", noun="metascope", forbid="/"
+    )
     expires_at = _expiry_date(body.get("certificateExpirationDate"), prefix)
     cert = None
     if body.get("publicKey") is not None:
-        cert = _certificate(_text(body, "publicKey", prefix), f"{prefix}publicKey")
+        cert = _certificate(text_field(body, "publicKey", prefix), f"{prefix}publicKey")
         if expires_at is None:
             expires_at = cert.not_valid_after_utc.timestamp()
     # The key last: validating an RSA key costs tens of milliseconds.
     private_key = _private_key(
-        _text(body, "privateKey", prefix, secret=True), f"{prefix}privateKey"
+        text_field(body, "privateKey", prefix, secret=True), f"{prefix}privateKey"
     )
     if cert is not None and not _same_public_key(cert, private_key):
-        _fail(f"{prefix}publicKey", f"does not match {prefix}privateKey (mixed-up files?)")
+        fail(f"{prefix}publicKey", f"does not match {prefix}privateKey (mixed-up files?)")
     return ServiceCredential(
         client_id=client_id,
         client_secret=Secret(client_secret.strip()),
@@ -254,93 +269,7 @@ def _parse_service(body: Mapping[Any, Any], prefix: str) -> ServiceCredential:
     )
 
 
-# --- fields ---------------------------------------------------------------------------------------
-
-
-def _fail(field: str, complaint: str) -> NoReturn:
-    raise CredentialError(f"{field} {complaint}", field=field)
-
-
-def _describe(value: object, *, secret: bool = False) -> str:
-    """Name a value's JSON type and size; show a short value only for non-secret scalars."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean" if secret else f"a boolean: {json.dumps(value)}"
-    if isinstance(value, int) and value.bit_length() > 128:
-        return "a number (huge)"
-    if isinstance(value, (int, float)):
-        return "a number" if secret else f"a number: {_short(repr(value))}"
-    if isinstance(value, str):
-        what = f"a string of {_count(len(value), 'char')}"
-        return what if secret or not value else f"{what}: {_short(repr(value))}"
-    if isinstance(value, Mapping):
-        return f"an object with {_count(len(value), 'key')}"
-    if isinstance(value, (list, tuple)):
-        return f"an array of {_count(len(value), 'item')}"
-    return f"a {type(value).__name__}"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _short(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _required(obj: Mapping[Any, Any], key: str, prefix: str) -> Any:
-    if key not in obj or obj[key] is None:
-        _fail(f"{prefix}{key}", "is missing")
-    return obj[key]
-
-
-def _text(obj: Mapping[Any, Any], key: str, prefix: str, *, secret: bool = False) -> str:
-    """A required non-empty string that encodes as UTF-8."""
-    value = _required(obj, key, prefix)
-    if not isinstance(value, str) or not value.strip():
-        _fail(
-            f"{prefix}{key}", f"must be a non-empty string, got {_describe(value, secret=secret)}"
-        )
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        _fail(f"{prefix}{key}", f"holds invalid text ({_describe(value, secret=True)})")
-    return value
-
-
-def _token_text(obj: Mapping[Any, Any], key: str, prefix: str) -> str:
-    """A non-secret identifier: trimmed, and no whitespace or control characters inside."""
-    value = _text(obj, key, prefix).strip()
-    if any(c.isspace() or not c.isprintable() for c in value):
-        _fail(
-            f"{prefix}{key}",
-            f"must not contain spaces or control characters: {_short(repr(value))}",
-        )
-    return value
-
-
-def _metascopes(value: object, field: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        items: list[object] = list(value.split(","))
-    elif isinstance(value, list):
-        items = value
-    else:
-        _fail(
-            field, f"must be a comma-separated string or a list of strings, got {_describe(value)}"
-        )
-    scopes: list[str] = []
-    for i, item in enumerate(items):
-        if not isinstance(item, str):
-            _fail(f"{field}[{i}]", f"must be a string, got {_describe(item)}")
-        scope = item.strip()
-        if any(c.isspace() or not c.isprintable() or c == "/" for c in scope):
-            _fail(field, f"holds a malformed metascope: {_short(repr(scope))}")
-        if scope and scope not in scopes:
-            scopes.append(scope)
-    if not scopes:
-        _fail(field, f"lists no metascope, got {_describe(value)}")
-    return tuple(scopes)
+# --- service fields -------------------------------------------------------------------------------
 
 
 def _expiry_date(value: object, prefix: str) -> float | None:
@@ -349,7 +278,7 @@ def _expiry_date(value: object, prefix: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        _fail(field, f"must be an ISO-8601 string or a number of ms, got {_describe(value)}")
+        fail(field, f"must be an ISO-8601 string or a number of ms, got {describe(value)}")
     try:
         if isinstance(value, str) and not re.fullmatch(r"\s*\d+(\.\d+)?\s*", value, re.ASCII):
             when = datetime.fromisoformat(value.strip())
@@ -358,9 +287,9 @@ def _expiry_date(value: object, prefix: str) -> float | None:
             number = float(value)
             seconds = number / 1000 if number >= _MS_THRESHOLD else number
     except (ValueError, OverflowError):
-        _fail(field, f"is not an ISO-8601 date or a number of ms, got {_describe(value)}")
+        fail(field, f"is not an ISO-8601 date or a number of ms, got {describe(value)}")
     if not math.isfinite(seconds) or seconds <= 0:
-        _fail(field, f"is not a plausible date, got {_describe(value)}")
+        fail(field, f"is not a plausible date, got {describe(value)}")
     return seconds
 
 
@@ -372,31 +301,31 @@ def _pem_bytes(pem: str) -> bytes:
 
 
 def _private_key(pem: str, field: str) -> RSAPrivateKey:
-    what = _describe(pem, secret=True)
+    what = describe(pem, secret=True)
     if "-----BEGIN" not in pem:
-        _fail(field, f"is not a PEM private key ({what} with no -----BEGIN line)")
+        fail(field, f"is not a PEM private key ({what} with no -----BEGIN line)")
     if "PRIVATE KEY-----" not in pem and "BEGIN CERTIFICATE" in pem:
-        _fail(field, "holds a certificate, not a private key (the publicKey pasted in its place?)")
+        fail(field, "holds a certificate, not a private key (the publicKey pasted in its place?)")
     if "-----BEGIN ENCRYPTED PRIVATE KEY" in pem or "Proc-Type: 4,ENCRYPTED" in pem:
-        _fail(field, "is encrypted; use the unencrypted key from the AEM Developer Console")
+        fail(field, "is encrypted; use the unencrypted key from the AEM Developer Console")
     try:
         key = serialization.load_pem_private_key(_pem_bytes(pem), password=None)
     # Any library failure means the same to the user, and its message is not shown: it could
     # quote part of the key.
     except Exception:
-        _fail(field, f"could not be read as a PEM private key ({what})")
+        fail(field, f"could not be read as a PEM private key ({what})")
     if not isinstance(key, RSAPrivateKey):
-        _fail(field, f"must be an RSA key, got {type(key).__name__.removeprefix('_')}")
+        fail(field, f"must be an RSA key, got {type(key).__name__.removeprefix('_')}")
     return key
 
 
 def _certificate(pem: str, field: str) -> x509.Certificate:
     if "PRIVATE KEY" in pem:
-        _fail(field, f"holds a private key, not a certificate ({_describe(pem, secret=True)})")
+        fail(field, f"holds a private key, not a certificate ({describe(pem, secret=True)})")
     try:
         return x509.load_pem_x509_certificate(_pem_bytes(pem))
     except Exception:
-        _fail(field, f"is not a PEM X.509 certificate ({_describe(pem, secret=True)})")
+        fail(field, f"is not a PEM X.509 certificate ({describe(pem, secret=True)})")
 
 
 def _same_public_key(cert: x509.Certificate, key: RSAPrivateKey) -> bool:
@@ -407,49 +336,3 @@ def _same_public_key(cert: x509.Certificate, key: RSAPrivateKey) -> bool:
     return isinstance(cert_key, RSAPublicKey) and (
         cert_key.public_numbers() == key.public_key().public_numbers()
     )
-
-
-# --- IMS endpoints --------------------------------------------------------------------------------
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for localhost and loopback IP literals (127.0.0.0/8, ::1), brackets or not."""
-    host = host.strip("[]").lower().rstrip(".")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def ims_base_from_endpoint(endpoint: str, *, field: str) -> str:
-    """`ims-na1.adobelogin.com` -> `https://ims-na1.adobelogin.com`; http only for loopback."""
-    text = endpoint.strip()
-    shown = _short(repr(text))
-    url = text if "://" in text else f"https://{text}"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        _fail(field, f"is not a host name or URL: {shown}")
-    scheme = parts.scheme.lower()
-    host = parts.hostname or ""
-    if scheme not in ("https", "http"):
-        _fail(field, f"must be a host name or an https:// URL: {shown}")
-    if "@" in parts.netloc or parts.query or parts.fragment or parts.path not in ("", "/"):
-        _fail(field, f"must be a bare host or a base URL without path, query or user: {shown}")
-    if not _is_ip(host) and not _HOST_NAME.match(host):
-        _fail(field, f"does not name a valid host: {shown}")
-    if scheme == "http" and not is_loopback_host(host):
-        _fail(field, f"may use plain http:// only for a loopback address: {shown}")
-    netloc = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{netloc}" + (f":{port}" if port is not None else "")

@@ -1,11 +1,17 @@
-"""The IMS client: exchanges a credential for an access token (IMS.md 2, 4, 5, 7).
+"""The IMS client: exchanges a credential for an access token (IMS.md 2-7), and revokes tokens.
 
-One `fetch` is one exchange: sign a fresh JWT, POST it, read the token's lifetime. Errors come out
-of the tree in errors.py: transient ones (5xx, 429, timeouts, unreachable IMS, an unusable 200)
-are for the caller to retry with backoff; permanent ones (4xx) mean the credential is wrong. The
-one retry made here is the clock-skew retry: IMS says the JWT expired, so its `exp` is computed
-again from IMS's `Date` header. Every attempt builds its JWT and body afresh. No message, log line
-or exception text ever carries the client secret, the JWT or the token.
+One `fetch` is one exchange. Service credentials sign a fresh JWT and POST it to
+/ims/exchange/jwt (`expires_in` in ms); OAuth server-to-server credentials POST their client id,
+secret and scopes to /ims/token/v3 (`expires_in` in s); either way the token's own `expires_in`
+(ms) wins when it has one. A development token cannot be fetched again. Errors come out of the tree
+in errors.py: transient ones (5xx, 429, timeouts, unreachable IMS, an unusable 200) are for the
+caller to retry with backoff; permanent ones (4xx) mean the credential is wrong. The one retry made
+here is the clock-skew retry of the JWT exchange: IMS says the JWT expired, so its `exp` is
+computed again from IMS's `Date` header. Every attempt builds its body afresh. No message, log
+line or exception text ever carries the client secret, the JWT or the token.
+
+`revoke` asks IMS to invalidate an access token (IMS.md 6). Whether production IMS honours that
+for server-to-server tokens is not documented, so its answer is reported, not interpreted.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, assert_never
 from urllib.parse import quote_plus, urlencode, urlsplit
 
 import httpx
@@ -26,14 +32,23 @@ import jwt
 import trio
 
 from aemagent import __version__
-from aemagent.credentials import Credential, Secret, ServiceCredential, is_loopback_host
+from aemagent.credentials import (
+    Credential,
+    DevToken,
+    OAuthCredential,
+    Secret,
+    ServiceCredential,
+    is_loopback_host,
+)
 from aemagent.errors import (
     ClockSkewError,
     ConfigError,
     IMSError,
     IMSPermanentError,
     IMSTransientError,
+    UsageError,
 )
+from aemagent.logs import utc_iso
 
 if TYPE_CHECKING:
     from aemagent.clocks import Clock, Now
@@ -55,6 +70,9 @@ _FORM = "application/x-www-form-urlencoded"
 _MAX_LIFETIME = 366 * 86400.0
 _UNUSABLE = "IMS answered 200 without a usable token"
 _PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
+_NO_REFRESH = (
+    "a development token cannot be refreshed; download a new one from the AEM Developer Console"
+)
 
 
 @dataclass(frozen=True, repr=False)
@@ -156,13 +174,25 @@ def _clean(value: object, limit: int) -> str | None:
     return text or None
 
 
-def _hint(error: str | None, description: str | None) -> str | None:
+def _hint(error: str | None, description: str | None, *, kind: str, revoking: bool) -> str | None:
     said = (description or "").lower()
     if error == "invalid_client":
+        where = "Adobe" if kind == "oauth" else "AEM"
         return (
             "check client id and secret; "
-            "the credential may have been deleted in the AEM Developer Console"
+            f"the credential may have been deleted in the {where} Developer Console"
         )
+    if revoking:
+        if error == "invalid_token":
+            return "the token may have expired or been revoked already"
+        return None
+    if kind == "oauth":
+        if error == "invalid_scope":
+            return (
+                "the scopes are not all granted to this OAuth client; "
+                "compare them with its credential in the Adobe Developer Console"
+            )
+        return None
     if error == "invalid_token" and "expire" in said:
         return "clock skew? check this machine's clock"
     if error == "invalid_signature" or (
@@ -175,9 +205,17 @@ def _hint(error: str | None, description: str | None) -> str | None:
 
 
 def error_from_response(
-    response: httpx.Response, *, now_wall: float, redact: tuple[str, ...] = ()
+    response: httpx.Response,
+    *,
+    now_wall: float,
+    redact: tuple[str, ...] = (),
+    kind: str = "service",
+    revoking: bool = False,
 ) -> IMSError:
-    """Map an unsuccessful IMS answer to the error tree (IMS.md 5)."""
+    """Map an unsuccessful IMS answer to the error tree (IMS.md 5).
+
+    `kind` (the credential's) and `revoking` choose the words of the summary and the hint.
+    """
     status = response.status_code
     try:
         body = json.loads(response.content)
@@ -201,7 +239,9 @@ def error_from_response(
         retry_after = parse_retry_after(
             response.headers.get("retry-after"), now_wall=ims_now or now_wall
         )
-        what = "IMS is throttling token requests" if status == 429 else "IMS is unavailable"
+        what = "IMS is unavailable"
+        if status == 429:
+            what = "IMS is throttling requests" if revoking else "IMS is throttling token requests"
         return IMSTransientError(
             f"{what} (HTTP {status})",
             http_status=status,
@@ -211,13 +251,14 @@ def error_from_response(
             retry_after=retry_after,
         )
     if 400 <= status < 500:
+        refused = "the revocation" if revoking else "the credential"
         return IMSPermanentError(
-            f"IMS refused the credential (HTTP {status})",
+            f"IMS refused {refused} (HTTP {status})",
             http_status=status,
             error=error,
             description=description,
             debug_id=debug_id,
-            hint=_hint(error, description),
+            hint=_hint(error, description, kind=kind, revoking=revoking),
         )
     return IMSTransientError(
         f"IMS answered with an unexpected HTTP {status}",
@@ -276,7 +317,74 @@ class IMSClient:
 
     async def fetch(self, credential: Credential) -> Grant:
         """A new access token; raises IMSTransientError or IMSPermanentError."""
-        return await self._exchange_jwt(credential)
+        if isinstance(credential, ServiceCredential):
+            return await self._exchange_jwt(credential)
+        if isinstance(credential, OAuthCredential):
+            return await self._client_credentials(credential)
+        if isinstance(credential, DevToken):
+            raise IMSPermanentError(_NO_REFRESH)
+        assert_never(credential)
+
+    async def revoke(self, credential: Credential, token: Secret) -> str:
+        """Ask IMS to invalidate `token` (IMS.md 6); what IMS answered, in a few words.
+
+        Best effort: IMS does not document whether it honours this for server-to-server tokens,
+        and a 200 says only that it took the request. Raises the IMSError subclasses, with IMS's
+        words; a development token raises UsageError (the agent holds nothing to revoke it with).
+        """
+        if isinstance(credential, DevToken):
+            raise UsageError(
+                "a development token cannot be revoked by the agent; it expires at "
+                f"{utc_iso(credential.expires_at)}"
+            )
+        secret, value = credential.client_secret.reveal(), token.reveal()
+        form = {
+            "token_type": "access_token",
+            "token": value,
+            "cascading": "all",
+            "client_id": credential.client_id,
+            "client_secret": secret,
+        }
+        url = f"{credential.ims_base}/ims/invalidate_token/v2"
+        client = self._client_for(credential.ims_base)
+        response = await self._post(
+            client,
+            url,
+            urlencode(form).encode("ascii"),
+            headers={"X-IMS-ClientId": credential.client_id},  # as Adobe's ims-go sends
+        )
+        if response.is_success:
+            return f"IMS accepted the revocation (HTTP {response.status_code})"
+        raise error_from_response(
+            response,
+            now_wall=self._clock.now().wall,
+            redact=(secret, quote_plus(secret), value, quote_plus(value)),
+            kind=credential.kind,
+            revoking=True,
+        )
+
+    async def _client_credentials(self, cred: OAuthCredential) -> Grant:
+        """OAuth server-to-server (IMS.md 3): no JWT, so no clock-skew retry either."""
+        secret = cred.client_secret.reveal()
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": cred.client_id,
+            "client_secret": secret,
+            "scope": ",".join(cred.scopes),
+        }
+        client = self._client_for(cred.ims_base)
+        sent = self._clock.now()
+        response = await self._post(
+            client, f"{cred.ims_base}/ims/token/v3", urlencode(form).encode("ascii")
+        )
+        if response.is_success:
+            return _grant(response, sent, unit_ms=False)  # expires_in in seconds here
+        raise error_from_response(
+            response,
+            now_wall=self._clock.now().wall,
+            redact=(secret, quote_plus(secret)),
+            kind=cred.kind,
+        )
 
     async def _exchange_jwt(self, cred: ServiceCredential) -> Grant:
         url = f"{cred.ims_base}/ims/exchange/jwt"
@@ -318,11 +426,20 @@ class IMSClient:
         response = await self._post(client, url, urlencode(form).encode("ascii"))
         return response, sent, (secret, quote_plus(secret), assertion)
 
-    async def _post(self, client: httpx.AsyncClient, url: str, body: bytes) -> httpx.Response:
+    async def _post(
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        body: bytes,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> httpx.Response:
         where = urlsplit(url).netloc
         try:
             with trio.fail_after(self._timeout):
-                return await client.post(url, content=body, headers={"Content-Type": _FORM})
+                return await client.post(
+                    url, content=body, headers={"Content-Type": _FORM, **(headers or {})}
+                )
         except (trio.TooSlowError, httpx.TimeoutException) as exc:
             raise IMSTransientError(
                 f"IMS at {where} did not answer within {self._timeout:g} s"

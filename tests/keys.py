@@ -106,3 +106,85 @@ def ims_token(payload: dict[str, Any] | None = None) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
 
     return f"{part({'alg': 'RS256', 'x5u': 'ims_na1-key-1.cer'})}.{part(payload)}.c2lnbmF0dXJl"
+
+
+# --- OAuth server-to-server credentials (IMS.md 1.2) ----------------------------------------------
+
+OAUTH_CLIENT_ID = "E0A1B2C3d4e5f60718293a4b5c6d7e8f"
+OAUTH_SCOPES = ["openid", "AdobeID", "aem.folders"]
+ORG_ID = "1234ABCD@AdobeOrg"
+TECHNICAL_ACCOUNT_ID = "TA0123@techacct.adobe.com"
+TECHNICAL_ACCOUNT_EMAIL = "ta0123@techacct.adobe.com"
+
+
+def oauth_json(**extra: Any) -> dict[str, Any]:
+    """aemagent's own OAuth file; `extra` overrides (a None value removes the key)."""
+    obj: dict[str, Any] = {
+        "client_id": OAUTH_CLIENT_ID,
+        "client_secret": CLIENT_SECRET,
+        "scopes": list(OAUTH_SCOPES),
+        "org_id": ORG_ID,
+    }
+    return _merged(obj, extra)
+
+
+def adobe_oauth_download(**extra: Any) -> dict[str, Any]:
+    """The Adobe Developer Console's "Download JSON" of an OAuth server-to-server credential."""
+    obj: dict[str, Any] = {
+        "CLIENT_SECRETS": [CLIENT_SECRET],
+        "ORG_ID": ORG_ID,
+        "SCOPES": list(OAUTH_SCOPES),
+        "CLIENT_ID": OAUTH_CLIENT_ID,
+        "TECHNICAL_ACCOUNT_ID": TECHNICAL_ACCOUNT_ID,
+        "TECHNICAL_ACCOUNT_EMAIL": TECHNICAL_ACCOUNT_EMAIL,
+    }
+    return _merged(obj, extra)
+
+
+def aio_oauth_config(**extra: Any) -> dict[str, Any]:
+    """aio's IMS context config for OAuth server-to-server (as aio-cli-plugin-cloudmanager documents)."""
+    obj: dict[str, Any] = {
+        "client_id": OAUTH_CLIENT_ID,
+        "client_secrets": [CLIENT_SECRET],
+        "technical_account_id": TECHNICAL_ACCOUNT_ID,
+        "technical_account_email": TECHNICAL_ACCOUNT_EMAIL,
+        "ims_org_id": ORG_ID,
+        "scopes": list(OAUTH_SCOPES),
+        "oauth_enabled": True,
+    }
+    return _merged(obj, extra)
+
+
+# --- local development tokens (IMS.md 1.3, 4) -----------------------------------------------------
+
+DEV_CREATED_MS = 1_800_000_000_000  # FakeClock's default wall time, in ms
+DEV_LIFETIME_MS = 86_400_000  # 24 h
+
+
+def dev_token(**claims: Any) -> str:
+    """A local development token as IMS mints it; `claims` override (None removes a claim)."""
+    payload: dict[str, Any] = {
+        "id": "1800000000000_00000000-dead-beef-0000-000000000000_ue1",
+        "type": "access_token",
+        "client_id": "dev-console-prod",
+        "user_id": "USER0123@AdobeID",
+        "as": "ims-na1",
+        "scope": "AdobeID,openid,read_organizations,additional_info.projectedProductContext",
+        "created_at": str(DEV_CREATED_MS),
+        "expires_in": str(DEV_LIFETIME_MS),
+    }
+    return ims_token(_merged(payload, claims))
+
+
+def devtoken_json(token: str | None = None) -> dict[str, Any]:
+    """The AEM Developer Console's "Get Local Development Token" file."""
+    return {"ok": True, "statusCode": 200, "accessToken": token or dev_token()}
+
+
+def _merged(obj: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if value is None:
+            obj.pop(key, None)
+        else:
+            obj[key] = value
+    return obj

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import base64
 import copy
+import fnmatch
 import json
 import pickle
 from datetime import UTC, datetime
@@ -11,15 +13,36 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from keys import CLIENT_SECRET, NOT_AFTER, integration, key_pair, service_json
+from keys import (
+    CLIENT_SECRET,
+    NOT_AFTER,
+    OAUTH_CLIENT_ID,
+    OAUTH_SCOPES,
+    ORG_ID,
+    TECHNICAL_ACCOUNT_EMAIL,
+    TECHNICAL_ACCOUNT_ID,
+    adobe_oauth_download,
+    aio_oauth_config,
+    dev_token,
+    devtoken_json,
+    ims_token,
+    integration,
+    key_pair,
+    oauth_json,
+    service_json,
+)
 
 from aemagent.credentials import (
+    DEFAULT_IMS_BASE,
+    DevToken,
+    OAuthCredential,
     Secret,
     ServiceCredential,
     ims_base_from_endpoint,
     is_loopback_host,
     parse_credential,
 )
+from aemagent.credentials_devtoken import looks_like_token
 from aemagent.errors import CredentialError
 
 
@@ -435,12 +458,24 @@ def test_certificate_errors():
         (b"\xff\xfe{}", "credential is not UTF-8 text (bad byte at offset 0)"),
         ("[" * 100_000, "credential is not valid JSON: nested too deeply"),
         ("1" * 5000, "credential is not valid JSON: a number is too long"),
-        ("[1, 2]", "credential must be a JSON object, got an array of 2 items"),
+        ("[1, 2]", "credential must be a JSON object or a bare token, got an array of 2 items"),
         (
             f'"{CLIENT_SECRET}"',
-            f"credential must be a JSON object, got a string of {len(CLIENT_SECRET)} chars",
+            (
+                "credential must be a JSON object or a bare token, "
+                f"got a string of {len(CLIENT_SECRET)} chars"
+            ),
         ),
-        ("null", "credential must be a JSON object, got null"),
+        ("null", "credential must be a JSON object or a bare token, got null"),
+        ("", "credential is empty"),
+        (" \n", "credential is empty"),
+        (
+            CLIENT_SECRET,
+            (
+                "credential is neither JSON nor a bare access token "
+                "(three base64url parts separated by dots)"
+            ),
+        ),
     ],
 )
 def test_unreadable_input(raw, message):
@@ -448,10 +483,474 @@ def test_unreadable_input(raw, message):
 
 
 def test_unknown_kinds():
-    error = failure({"accessToken": "x"})
-    assert str(error).startswith("not a credential aemagent understands: expected AEM service")
+    for raw in ({}, {"clientId": "x"}, {"ok": True, "statusCode": 200}):
+        assert str(failure(raw)) == (
+            "not a credential aemagent understands: expected AEM service credentials "
+            '(an object with "integration"), OAuth server-to-server credentials (an object with '
+            '"client_id" and "client_secret", or "CLIENT_ID" and "CLIENT_SECRETS" as the Adobe '
+            "Developer Console downloads them) or a local development token (an object with "
+            '"accessToken", or the bare token)'
+        )
     error = failure({"ok": False, "statusCode": 403, "error": "forbidden"})
-    assert "error answer from the AEM Developer Console (statusCode 403)" in str(error)
+    assert str(error) == (
+        "this is an error answer from the AEM Developer Console (statusCode 403), "
+        "not a credential; download it again"
+    )
+
+
+# --- OAuth server-to-server credentials -----------------------------------------------------------
+
+
+def oauth_failure(raw: Any) -> CredentialError:
+    error = failure(raw)
+    assert "SECRETSECRET" not in repr(error.args)
+    return error
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        adobe_oauth_download(),
+        aio_oauth_config(),
+        oauth_json(
+            technical_account_id=TECHNICAL_ACCOUNT_ID,
+            technical_account_email=TECHNICAL_ACCOUNT_EMAIL,
+        ),
+        # aio-cli-plugin-cloudmanager's documented config has both spellings of the secret.
+        aio_oauth_config(client_secret=CLIENT_SECRET, client_secrets=["p8e-other-secret"]),
+        aio_oauth_config(ims_org_id=None, org_id=ORG_ID),
+        adobe_oauth_download(SCOPES="openid, AdobeID,,aem.folders ,openid"),
+        adobe_oauth_download(CLIENT_SECRETS=[f" {CLIENT_SECRET}\n", "p8e-second-secret"]),
+        json.dumps(adobe_oauth_download()).encode("utf-8-sig"),
+    ],
+)
+def test_parses_every_oauth_shape(raw):
+    cred = parse_credential(raw)
+    assert isinstance(cred, OAuthCredential)
+    assert cred.kind == "oauth"
+    assert cred.refreshable is True
+    assert cred.client_id == OAUTH_CLIENT_ID
+    assert cred.client_secret == Secret(CLIENT_SECRET)
+    assert cred.scopes == ("openid", "AdobeID", "aem.folders")
+    assert cred.org_id == ORG_ID
+    assert cred.technical_account_id == TECHNICAL_ACCOUNT_ID
+    assert cred.technical_account_email == TECHNICAL_ACCOUNT_EMAIL
+    assert cred.ims_base == "https://ims-na1.adobelogin.com"
+    assert cred.certificate_expires_at is None
+    assert cred.default_name() == "oauth-e0a1b2c3"
+    assert cred.derived_hosts() == ()
+    expected = parse_credential(adobe_oauth_download())
+    assert cred.digest == expected.digest
+
+
+def test_minimal_oauth_file():
+    cred = parse_credential(oauth_json(org_id=None, scopes="aem.folders"))
+    assert isinstance(cred, OAuthCredential)
+    assert cred.org_id is None
+    assert cred.technical_account_id is None
+    assert cred.technical_account_email is None
+    assert cred.scopes == ("aem.folders",)
+    assert cred.ims_base == DEFAULT_IMS_BASE
+    assert getattr(cred, "technical_account_id", "absent") is None
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "base"),
+    [
+        ("ims-na1-stg1.adobelogin.com", "https://ims-na1-stg1.adobelogin.com"),
+        ("http://127.0.0.1:8080/", "http://127.0.0.1:8080"),
+    ],
+)
+def test_oauth_ims_endpoint(endpoint, base):
+    assert parse_credential(oauth_json(ims_endpoint=endpoint)).ims_base == base
+    assert parse_credential(adobe_oauth_download(IMS_ENDPOINT=endpoint)).ims_base == base
+
+
+def test_oauth_repr_shows_only_public_fields():
+    cred = parse_credential(oauth_json())
+    assert repr(cred) == (
+        f"OAuthCredential(client_id={OAUTH_CLIENT_ID!r}, org_id='1234ABCD@AdobeOrg', "
+        "ims_base='https://ims-na1.adobelogin.com', scopes=('openid', 'AdobeID', 'aem.folders'))"
+    )
+    assert CLIENT_SECRET not in f"{cred} {cred!r} {vars(cred)}"
+
+
+def test_oauth_digest_changes_with_every_field():
+    base = parse_credential(oauth_json()).digest
+    changes: list[dict[str, Any]] = [
+        {"client_secret": CLIENT_SECRET + "x"},
+        {"client_id": "other"},
+        {"scopes": ["openid"]},
+        {"scopes": ["AdobeID", "openid", "aem.folders"]},  # the order is sent as is
+        {"org_id": "other@AdobeOrg"},
+        {"org_id": None},
+        {"ims_endpoint": "ims-na1-stg1.adobelogin.com"},
+        {"technical_account_id": TECHNICAL_ACCOUNT_ID},
+        {"technical_account_email": TECHNICAL_ACCOUNT_EMAIL},
+    ]
+    digests = {parse_credential(oauth_json(**change)).digest for change in changes}
+    assert len(digests) == len(changes)
+    assert base not in digests
+    assert base != parse_credential(integration()).digest
+
+
+def test_hand_built_oauth_credential():
+    built = OAuthCredential(
+        client_id=OAUTH_CLIENT_ID,
+        client_secret=Secret(CLIENT_SECRET),
+        scopes=tuple(OAUTH_SCOPES),
+        org_id=ORG_ID,
+    )
+    assert built.ims_base == DEFAULT_IMS_BASE
+    assert built.digest == parse_credential(oauth_json()).digest
+
+
+@pytest.mark.parametrize(
+    ("client_id", "name"),
+    [
+        (OAUTH_CLIENT_ID, "oauth-e0a1b2c3"),
+        ("Ab Cd Ef Gh", "oauth-ab-cd-ef"),
+        ("ab.cd_ef!gh", "oauth-ab.cd_ef"),
+        ("!!!!!!!!xyz", "oauth"),
+        ("x", "oauth-x"),
+    ],
+)
+def test_oauth_default_name(client_id, name):
+    built = OAuthCredential(client_id=client_id, client_secret=Secret("s"), scopes=("a",))
+    assert built.default_name() == name
+
+
+@pytest.mark.parametrize(
+    ("raw", "message", "field"),
+    [
+        (adobe_oauth_download(CLIENT_ID=None), "CLIENT_ID is missing", "CLIENT_ID"),
+        (adobe_oauth_download(CLIENT_SECRETS=None), "CLIENT_SECRETS is missing", "CLIENT_SECRETS"),
+        (adobe_oauth_download(SCOPES=None), "SCOPES is missing", "SCOPES"),
+        (oauth_json(client_id=None), "client_id is missing", "client_id"),
+        (oauth_json(client_secret=None), "client_secret is missing", "client_secret"),
+        (oauth_json(scopes=None), "scopes is missing", "scopes"),
+        (
+            adobe_oauth_download(CLIENT_SECRETS=[]),
+            "CLIENT_SECRETS lists no secret (an empty array)",
+            "CLIENT_SECRETS",
+        ),
+        (
+            aio_oauth_config(client_secrets=[12345]),
+            "client_secrets[0] must be a non-empty string, got a number",
+            "client_secrets[0]",
+        ),
+        (
+            aio_oauth_config(client_secrets=CLIENT_SECRET + "\ud800"),
+            f"client_secrets holds invalid text (a string of {len(CLIENT_SECRET) + 1} chars)",
+            "client_secrets",
+        ),
+        (
+            oauth_json(client_secret={"value": CLIENT_SECRET}),
+            "client_secret must be a non-empty string, got an object with 1 key",
+            "client_secret",
+        ),
+        (
+            oauth_json(client_secret="   "),
+            "client_secret must be a non-empty string, got a string of 3 chars",
+            "client_secret",
+        ),
+        (
+            oauth_json(client_id="two words"),
+            "client_id must not contain spaces or control characters: 'two words'",
+            "client_id",
+        ),
+        (
+            oauth_json(client_id=7),
+            "client_id must be a non-empty string, got a number: 7",
+            "client_id",
+        ),
+        (
+            adobe_oauth_download(SCOPES=5),
+            "SCOPES must be a comma-separated string or a list of strings, got a number: 5",
+            "SCOPES",
+        ),
+        (oauth_json(scopes=["openid", None]), "scopes[1] must be a string, got null", "scopes[1]"),
+        (
+            oauth_json(scopes=" , "),
+            "scopes lists no scope, got a string of 3 chars: ' , '",
+            "scopes",
+        ),
+        (oauth_json(scopes="open id"), "scopes holds a malformed scope: 'open id'", "scopes"),
+        (
+            aio_oauth_config(ims_org_id="my org"),
+            "ims_org_id must not contain spaces or control characters: 'my org'",
+            "ims_org_id",
+        ),
+        (
+            oauth_json(ims_endpoint="http://ims.example.com"),
+            "ims_endpoint may use plain http:// only for a loopback address: 'http://ims.example.com'",
+            "ims_endpoint",
+        ),
+        (
+            adobe_oauth_download(TECHNICAL_ACCOUNT_EMAIL=["x"]),
+            "TECHNICAL_ACCOUNT_EMAIL must be a non-empty string, got an array of 1 item",
+            "TECHNICAL_ACCOUNT_EMAIL",
+        ),
+        ({"client_secrets": [CLIENT_SECRET]}, "client_id is missing", "client_id"),
+    ],
+)
+def test_oauth_errors_name_the_field_never_the_secret(raw, message, field):
+    error = oauth_failure(raw)
+    assert str(error) == message
+    assert error.field == field
+
+
+# --- local development tokens ---------------------------------------------------------------------
+
+
+def assert_no_token(text: str, token: str) -> None:
+    for chunk in (token[i : i + 16] for i in range(0, max(1, len(token) - 15), 8)):
+        assert chunk not in text
+
+
+def test_parses_console_file_and_bare_token():
+    token = dev_token()
+    shapes: list[Any] = [
+        devtoken_json(token),
+        {"accessToken": token},
+        json.dumps(devtoken_json(token)),
+        json.dumps(devtoken_json(token)).encode("utf-8-sig"),
+        token,
+        f"  {token}\n",
+        token.encode(),
+        f"Bearer {token}",
+        f"BEARER  {token}",
+        json.dumps(token),  # a JSON string holding the token
+        {"ok": True, "statusCode": 200, "accessToken": f"{token}\r\n"},
+    ]
+    for raw in shapes:
+        cred = parse_credential(raw)
+        assert isinstance(cred, DevToken)
+        assert cred.kind == "devtoken"
+        assert cred.refreshable is False
+        assert cred.token == Secret(token)
+        assert cred.created_at == 1_800_000_000.0
+        assert cred.lifetime == 86_400.0
+        assert cred.expires_at == 1_800_086_400.0
+        assert cred.client_id == "dev-console-prod"
+        assert cred.user_id == "USER0123@AdobeID"
+        assert cred.org_id is None
+        assert cred.technical_account_id is None
+        assert getattr(cred, "technical_account_id", "absent") is None
+        assert cred.certificate_expires_at is None
+        assert cred.default_name() == "devtoken"
+        assert cred.derived_hosts() == ()
+        assert cred.digest == parse_credential(token).digest
+
+
+def test_dev_token_times_are_milliseconds():
+    cred = parse_credential(dev_token(created_at="1800000000123", expires_in="86399999"))
+    assert isinstance(cred, DevToken)
+    assert cred.created_at == 1_800_000_000.123
+    assert cred.lifetime == 86_399.999
+    assert cred.expires_at == pytest.approx(1_800_086_400.122, abs=1e-6)
+    # JSON numbers are read the same way as IMS's strings.
+    numbers = parse_credential(dev_token(created_at=1_800_000_000_000, expires_in=3_600_000))
+    assert isinstance(numbers, DevToken)
+    assert (numbers.created_at, numbers.lifetime, numbers.expires_at) == (
+        1_800_000_000.0,
+        3_600.0,
+        1_800_003_600.0,
+    )
+
+
+def test_dev_token_expiry_is_left_to_the_caller():
+    cred = parse_credential(dev_token())
+    assert isinstance(cred, DevToken)
+    assert not cred.expired(1_800_086_399.999)
+    assert cred.expired(1_800_086_400.0)
+    # A token that expired long ago still parses: the agent says when it expired.
+    old = parse_credential(dev_token(created_at="1577836800000"))
+    assert isinstance(old, DevToken)
+    assert old.expires_at == 1_577_923_200.0
+    assert old.expired(1_800_000_000.0)
+
+
+def test_dev_token_optional_claims():
+    cred = parse_credential(dev_token(user_id=None, type=None, scope=None))
+    assert isinstance(cred, DevToken)
+    assert cred.user_id is None
+    assert parse_credential(dev_token(user_id=12)).user_id is None
+
+
+def test_dev_token_repr_and_digest():
+    token = dev_token()
+    cred = parse_credential(token)
+    assert repr(cred) == (
+        "DevToken(client_id='dev-console-prod', user_id='USER0123@AdobeID', "
+        "expires_at=2027-01-16T08:00:00Z)"
+    )
+    assert_no_token(repr(cred), token)
+    assert len(cred.digest) == 64
+    assert parse_credential(dev_token(user_id="OTHER@AdobeID")).digest != cred.digest
+
+
+def b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [
+        ("a.b.c", "its payload is not base64url-encoded JSON"),
+        (f"x.{b64(b'not json')}.sig", "its payload is not base64url-encoded JSON"),
+        (f"x.{b64(b'[1, 2]')}.sig", "its payload is not base64url-encoded JSON"),
+        (f"x.{b64(bytes([0xFF, 0xFE]))}.sig", "its payload is not base64url-encoded JSON"),
+        (
+            dev_token(type="refresh_token"),
+            "its type is a string of 13 chars: 'refresh_token', not access_token",
+        ),
+        (dev_token(created_at=None), "its payload has no created_at"),
+        (dev_token(expires_in=None), "its payload has no expires_in"),
+        (dev_token(client_id=None), "its payload has no client_id"),
+        (
+            dev_token(client_id="two words"),
+            "its client_id is malformed (a string of 9 chars: 'two words')",
+        ),
+        (
+            dev_token(created_at="soon"),
+            "its created_at is not a number of ms (a string of 4 chars: 'soon')",
+        ),
+        (
+            dev_token(created_at="-5"),
+            "its created_at is not a number of ms (a string of 2 chars: '-5')",
+        ),
+        (dev_token(created_at=True), "its created_at is not a number of ms (a boolean: true)"),
+        (dev_token(created_at=[1]), "its created_at is not a number of ms (an array of 1 item)"),
+        (
+            dev_token(created_at=10**30),
+            "its created_at is not a number of ms (a number: 1" + "0" * 30 + ")",
+        ),
+        (
+            dev_token(created_at="1800000000"),  # seconds, not ms: 1970
+            "its created_at is not a plausible time in ms (a string of 10 chars: '1800000000')",
+        ),
+        (
+            dev_token(created_at="99999999999999"),
+            "its created_at is not a plausible time in ms (a string of 14 chars: '99999999999999')",
+        ),
+        (
+            dev_token(expires_in="0"),
+            "its expires_in is not a lifetime in ms of up to a year (a string of 1 char: '0')",
+        ),
+        (
+            dev_token(expires_in=str(400 * 86_400_000)),
+            "its expires_in is not a lifetime in ms of up to a year (a string of 11 chars: '34560000000')",
+        ),
+        (
+            dev_token(expires_in="NaN"),
+            "its expires_in is not a number of ms (a string of 3 chars: 'NaN')",
+        ),
+        (
+            dev_token(expires_in=float("inf")),
+            "its expires_in is not a number of ms (a number: inf)",
+        ),
+        (ims_token(), "its payload has no client_id"),
+    ],
+)
+def test_garbage_tokens_are_refused_without_echo(token, why):
+    for raw, where in ((token, "credential"), ({"accessToken": token}, "accessToken")):
+        error = failure(raw)
+        assert str(error) == f"{where} is not an IMS access token: {why}"
+        assert error.field == (None if where == "credential" else "accessToken")
+        assert_no_token(str(error), token)
+
+
+def test_access_token_field_errors():
+    error = failure({"accessToken": CLIENT_SECRET})
+    assert str(error) == (
+        "accessToken is not an IMS access token: expected three base64url parts separated by "
+        f"dots, got a string of {len(CLIENT_SECRET)} chars"
+    )
+    error = failure({"accessToken": 5})
+    assert str(error) == "accessToken must be a non-empty string, got a number"
+    assert str(failure({"accessToken": None})) == "accessToken must be a non-empty string, got null"
+    assert str(failure(f"{dev_token()}.extra")) == (
+        "credential is neither JSON nor a bare access token (three base64url parts separated by dots)"
+    )
+
+
+# --- kind detection and host patterns -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (service_json(), ServiceCredential),
+        (integration(), ServiceCredential),
+        (oauth_json(), OAuthCredential),
+        (adobe_oauth_download(), OAuthCredential),
+        (aio_oauth_config(), OAuthCredential),
+        (devtoken_json(), DevToken),
+        (dev_token(), DevToken),
+        # AEM's sample tells its two files apart by accessToken, so it wins over anything else.
+        ({**oauth_json(), "accessToken": dev_token()}, DevToken),
+        ({**service_json(), "accessToken": dev_token()}, DevToken),
+        # Service fields win over OAuth ones: AEM service files carry a clientId, never client_id.
+        ({**integration(), "client_id": "x"}, ServiceCredential),
+    ],
+)
+def test_kind_detection(raw, kind):
+    cred = parse_credential(raw)
+    assert type(cred) is kind
+    assert cred.kind == kind.kind
+
+
+def test_every_kind_has_what_the_agent_reads():
+    for raw in (integration(), oauth_json(), dev_token()):
+        cred = parse_credential(raw)
+        for name in ("kind", "client_id", "org_id", "digest", "certificate_expires_at"):
+            getattr(cred, name)
+        assert isinstance(cred.refreshable, bool)
+        assert cred.default_name()
+        assert isinstance(cred.derived_hosts(), tuple)
+        assert hasattr(cred, "technical_account_id")
+
+
+@pytest.mark.parametrize(
+    ("client_id", "hosts"),
+    [
+        ("cm-p12345-e67890-integration", ("*-p12345-e67890.adobeaemcloud.com",)),
+        ("cm-p12345-e67890", ("*-p12345-e67890.adobeaemcloud.com",)),
+        ("CM-P77-E8", ("*-p77-e8.adobeaemcloud.com",)),
+        ("cm-p12345", ()),
+        ("cm-p12345-e", ()),
+        ("cm-p12345-e67890x", ()),
+        ("xcm-p12345-e67890", ()),
+        ("cm-p\u0661\u0662-e1", ()),  # digits of another script are not a program id
+        ("some.client", ()),
+    ],
+)
+def test_service_derived_hosts(client_id, hosts):
+    account = {"clientId": client_id, "clientSecret": CLIENT_SECRET}
+    cred = parse_credential(integration(technicalAccount=account))
+    assert cred.derived_hosts() == hosts
+
+
+def test_derived_host_pattern_matches_exactly_the_environment():
+    account = {"clientId": "cm-p12345-e67890-integration", "clientSecret": CLIENT_SECRET}
+    cred = parse_credential(integration(technicalAccount=account))
+    assert cred.default_name() == "p12345-e67890"
+    (pattern,) = cred.derived_hosts()
+    for host in (
+        "author-p12345-e67890.adobeaemcloud.com",
+        "publish-p12345-e67890.adobeaemcloud.com",
+        "preview-p12345-e67890.adobeaemcloud.com",
+    ):
+        assert fnmatch.fnmatchcase(host, pattern)
+    for host in (
+        "author-p12345-e678901.adobeaemcloud.com",
+        "author-p912345-e67890.adobeaemcloud.com",
+        "author-p12345-e67890.adobeaemcloud.com.evil.example",
+        "author-p12345-e67890.adobeaemcloud.net",
+        "p12345-e67890.adobeaemcloud.com",
+    ):
+        assert not fnmatch.fnmatchcase(host, pattern)
 
 
 # --- fuzz: anything either parses or raises CredentialError ---------------------------------------
@@ -469,6 +968,8 @@ FIELDS = [
     "publicKey",
     "certificateExpirationDate",
 ]
+OAUTH_FIELDS = sorted({*oauth_json(), *adobe_oauth_download(), *aio_oauth_config(), "ims_endpoint"})
+CLAIMS = ["type", "client_id", "user_id", "created_at", "expires_in"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
     lambda inner: (
@@ -476,18 +977,25 @@ json_values = st.recursive(
     ),
     max_leaves=8,
 )
-key_names = st.sampled_from(["integration", "ok", *FIELDS]) | st.text(max_size=10)
+key_names = st.sampled_from(["integration", "ok", "accessToken", *FIELDS, *OAUTH_FIELDS]) | st.text(
+    max_size=10
+)
 hostile = st.one_of(
     st.binary(max_size=200),
     st.text(max_size=200),
+    st.from_regex(r"[A-Za-z0-9_-]{1,20}\.[A-Za-z0-9_-]{0,60}\.[A-Za-z0-9_-]{1,10}", fullmatch=True),
     json_values,
     st.dictionaries(key_names, json_values, max_size=8),
     st.dictionaries(key_names, st.dictionaries(key_names, json_values, max_size=8), max_size=3),
 )
 
 
+def maybe_text(draw: st.DrawFn, doc: Any) -> Any:
+    return json.dumps(doc) if draw(st.booleans()) else doc
+
+
 @st.composite
-def mutated_credentials(draw: st.DrawFn) -> Any:
+def mutated_service(draw: st.DrawFn) -> Any:
     doc = json.loads(json.dumps(service_json()))
     *parents, last = draw(st.sampled_from(FIELDS)).split(".")
     obj = doc["integration"]
@@ -497,13 +1005,44 @@ def mutated_credentials(draw: st.DrawFn) -> Any:
         obj[last] = draw(json_values)
     else:
         obj.pop(last, None)
-    return json.dumps(doc) if draw(st.booleans()) else doc
+    return maybe_text(draw, doc)
+
+
+@st.composite
+def mutated_oauth(draw: st.DrawFn) -> Any:
+    doc = draw(st.sampled_from([oauth_json, adobe_oauth_download, aio_oauth_config]))()
+    for _ in range(draw(st.integers(1, 3))):
+        key = draw(st.sampled_from(OAUTH_FIELDS))
+        if draw(st.booleans()):
+            doc[key] = draw(json_values | st.lists(st.text(max_size=30), max_size=3))
+        else:
+            doc.pop(key, None)
+    return maybe_text(draw, doc)
+
+
+@st.composite
+def mutated_dev_tokens(draw: st.DrawFn) -> Any:
+    claims = {name: draw(json_values) for name in draw(st.sets(st.sampled_from(CLAIMS)))}
+    token = dev_token(**claims)
+    if draw(st.booleans()):
+        return token
+    return maybe_text(draw, devtoken_json(token))
+
+
+def assert_nothing_secret(text: str, raw: Any) -> None:
+    """No client secret, key or (for dev tokens) any part of the token in `text`."""
+    assert_no_secret(text)
+    if isinstance(raw, str) and raw.startswith("{"):
+        raw = json.loads(raw)
+    token = raw.get("accessToken") if isinstance(raw, dict) else raw
+    if isinstance(token, str) and looks_like_token(token):
+        assert_no_token(text, token.strip())
 
 
 @settings(
-    max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )
-@given(st.one_of(hostile, mutated_credentials()))
+@given(st.one_of(hostile, mutated_service(), mutated_oauth(), mutated_dev_tokens()))
 def test_any_input_parses_or_raises_credential_error(raw):
     try:
         cred = parse_credential(raw)
@@ -511,7 +1050,10 @@ def test_any_input_parses_or_raises_credential_error(raw):
         message = str(exc)
         assert message
         assert "\n" not in message
-        assert_no_secret(message)
+        assert_nothing_secret(message, raw)
     else:
-        assert isinstance(cred, ServiceCredential)
-        assert_no_secret(repr(cred))
+        assert isinstance(cred, (ServiceCredential, OAuthCredential, DevToken))
+        assert_nothing_secret(f"{cred!r} {cred}", raw)
+        if isinstance(cred, DevToken):
+            assert cred.lifetime > 0
+            assert cred.expires_at == cred.created_at + cred.lifetime

@@ -15,18 +15,36 @@ import httpx
 import jwt
 import pytest
 import trio
-from keys import CLIENT_SECRET, ims_token, integration, key_pair
+from keys import (
+    CLIENT_SECRET,
+    OAUTH_CLIENT_ID,
+    dev_token,
+    ims_token,
+    integration,
+    key_pair,
+    oauth_json,
+)
 
 from aemagent import __version__
 from aemagent.clocks import FakeClock, Now
-from aemagent.credentials import Secret, ServiceCredential, parse_credential
+from aemagent.credentials import (
+    Credential,
+    DevToken,
+    OAuthCredential,
+    Secret,
+    ServiceCredential,
+    parse_credential,
+)
+from aemagent.emulator_ims import Emulator
 from aemagent.errors import (
     ClockSkewError,
     ConfigError,
     IMSError,
     IMSPermanentError,
     IMSTransientError,
+    UsageError,
 )
+from aemagent.httpserver import Request
 from aemagent.ims import (
     Grant,
     IMSClient,
@@ -43,6 +61,18 @@ Answer = httpx.Response | Callable[[httpx.Request], httpx.Response]
 @functools.cache  # parsing validates the RSA key, which takes tens of milliseconds
 def credential(**kwargs: Any) -> ServiceCredential:
     return parse_credential(integration(**kwargs))
+
+
+def oauth(**kwargs: Any) -> OAuthCredential:
+    cred = parse_credential(oauth_json(**kwargs))
+    assert isinstance(cred, OAuthCredential)
+    return cred
+
+
+def devtoken() -> DevToken:
+    cred = parse_credential(dev_token())
+    assert isinstance(cred, DevToken)
+    return cred
 
 
 def form(request: httpx.Request) -> dict[str, list[str]]:
@@ -80,6 +110,13 @@ class FakeIMS:
         if self.answers:
             answer = self.answers.pop(0)
             return answer(request) if callable(answer) else answer
+        if request.url.path == "/ims/token/v3":
+            if form(request)["client_secret"] != [CLIENT_SECRET]:
+                return error_answer(401, "invalid_client", "invalid client_secret")
+            body = {"access_token": self.token, "token_type": "bearer", "expires_in": 86399}
+            return httpx.Response(200, json=body)
+        if request.url.path == "/ims/invalidate_token/v2":
+            return httpx.Response(200)  # IMS answers an empty 200
         assertion = form(request)["jwt_token"][0]
         claims = jwt.decode(
             assertion,
@@ -512,6 +549,349 @@ async def test_no_secret_in_any_error_or_log(caplog):
         if script == [echo_body]:
             assert info.value.error is None  # not an identifier, so not shown
             assert "client_secret=<redacted>&jwt_token=<redacted>" in str(info.value)
+
+
+# --- OAuth server-to-server: client credentials ---------------------------------------------------
+
+
+async def test_client_credentials_send_exactly_what_ims_expects():
+    ims = FakeIMS()
+    clock = FakeClock()
+    ims.on_request = lambda: clock.advance(2.5)
+    async with ims.client(clock) as client:
+        grant = await client.fetch(oauth())
+    assert grant.access_token == Secret(ims.token)
+    assert grant.lifetime == 86399.999  # the token's own expires_in (ms) wins
+    assert grant.sent == Now(IMS_NOW, 1000.0)
+
+    (request,) = ims.requests
+    assert request.method == "POST"
+    assert str(request.url) == f"{BASE}/ims/token/v3"
+    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert request.headers["user-agent"] == f"aemagent/{__version__}"
+    assert "authorization" not in request.headers
+    assert request.content.startswith(b"grant_type=client_credentials&client_id=")
+    assert form(request) == {
+        "grant_type": ["client_credentials"],
+        "client_id": [OAUTH_CLIENT_ID],
+        "client_secret": [CLIENT_SECRET],
+        "scope": ["openid,AdobeID,aem.folders"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "lifetime"),
+    [
+        (86399, 86399.0),  # seconds at this endpoint: not 86 s
+        ("86399", 86399.0),
+        (3600.5, 3600.5),
+    ],
+)
+async def test_client_credentials_expires_in_is_seconds(expires_in, lifetime):
+    ims = FakeIMS()
+    body = {"access_token": "opaque-token", "token_type": "bearer", "expires_in": expires_in}
+    ims.answers.append(httpx.Response(200, json=body))
+    async with ims.client() as client:
+        grant = await client.fetch(oauth())
+    assert grant.lifetime == lifetime
+
+
+async def test_client_credentials_milliseconds_are_not_seconds():
+    # 86399999 read as seconds is 1000 days: garbage, not a token to keep for years.
+    ims = FakeIMS()
+    body = {"access_token": "opaque-token", "expires_in": 86399999}
+    ims.answers.append(httpx.Response(200, json=body))
+    async with ims.client() as client:
+        with pytest.raises(IMSTransientError, match="IMS answered 200 without a usable token"):
+            await client.fetch(oauth())
+
+
+async def test_client_credentials_at_a_loopback_base():
+    ims = FakeIMS()
+    async with ims.client() as client:
+        await client.fetch(oauth(ims_endpoint="http://127.0.0.1:8080"))
+    assert str(ims.requests[0].url) == "http://127.0.0.1:8080/ims/token/v3"
+
+
+OAUTH_DELETED = (
+    "check client id and secret; "
+    "the credential may have been deleted in the Adobe Developer Console"
+)
+OAUTH_SCOPES_HINT = (
+    "the scopes are not all granted to this OAuth client; "
+    "compare them with its credential in the Adobe Developer Console"
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind", "hint"),
+    [
+        (
+            error_answer(401, "invalid_client", "invalid client_secret"),
+            IMSPermanentError,
+            OAUTH_DELETED,
+        ),
+        (
+            error_answer(400, "invalid_client", "unknown client_id"),
+            IMSPermanentError,
+            OAUTH_DELETED,
+        ),
+        (error_answer(400, "invalid_scope", "invalid_scope"), IMSPermanentError, OAUTH_SCOPES_HINT),
+        # No JWT here: an "expired" answer is IMS's word, not clock skew, and is not retried.
+        (error_answer(400, "invalid_token", "JWT expired"), IMSPermanentError, None),
+        (error_answer(400, "unsupported_grant_type", "no"), IMSPermanentError, None),
+        (error_answer(429, None, **{"Retry-After": "7"}), IMSTransientError, None),
+        (error_answer(503, "server_error", "down"), IMSTransientError, None),
+    ],
+)
+async def test_client_credentials_error_mapping(answer, kind, hint):
+    answer.headers["X-Debug-Id"] = "oa1"
+    ims = FakeIMS()
+    ims.answers.append(answer)
+    async with ims.client() as client:
+        with pytest.raises(IMSError) as info:
+            await client.fetch(oauth())
+    assert type(info.value) is kind
+    assert info.value.hint == hint
+    assert info.value.debug_id == "oa1"
+    assert len(ims.requests) == 1
+    if answer.status_code == 429:
+        assert info.value.retry_after == 7.0
+        assert str(info.value).startswith("IMS is throttling token requests (HTTP 429)")
+
+
+async def test_client_credentials_error_message_shape():
+    ims = FakeIMS()
+    async with ims.client() as client:
+        with pytest.raises(IMSPermanentError) as info:
+            await client.fetch(oauth(client_secret="wrong-" + CLIENT_SECRET))
+    assert str(info.value) == (
+        "IMS refused the credential (HTTP 401); IMS said invalid_client: invalid client_secret "
+        f"({OAUTH_DELETED})"
+    )
+
+
+async def test_client_credentials_never_show_the_secret(caplog):
+    caplog.set_level(logging.DEBUG)
+    ims = FakeIMS()
+    ims.answers.append(echo_body)
+    async with ims.client() as client:
+        with pytest.raises(IMSPermanentError) as info:
+            await client.fetch(oauth())
+    shown = f"{info.value} {info.value!r} {info.value.description}"
+    assert "SECRETSECRET" not in shown
+    assert "SECRETSECRET" not in caplog.text
+    assert "client_secret=<redacted>&scope=" in str(info.value)
+
+
+async def test_a_dev_token_cannot_be_fetched():
+    ims = FakeIMS()
+    async with ims.client() as client:
+        with pytest.raises(IMSPermanentError) as info:
+            await client.fetch(devtoken())
+    assert str(info.value) == (
+        "a development token cannot be refreshed; download a new one from the AEM Developer Console"
+    )
+    assert ims.requests == []
+
+
+# --- revocation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [credential, oauth], ids=["service", "oauth"])
+async def test_revoke_sends_what_ims_expects(make):
+    cred = make()
+    token = dev_token(client_id=cred.client_id)
+    ims = FakeIMS()
+    async with ims.client() as client:
+        said = await client.revoke(cred, Secret(token))
+    assert said == "IMS accepted the revocation (HTTP 200)"
+    (request,) = ims.requests
+    assert request.method == "POST"
+    assert str(request.url) == f"{BASE}/ims/invalidate_token/v2"
+    assert request.headers["content-type"] == "application/x-www-form-urlencoded"
+    assert request.headers["x-ims-clientid"] == cred.client_id
+    assert "authorization" not in request.headers
+    assert form(request) == {
+        "token_type": ["access_token"],
+        "token": [token],
+        "cascading": ["all"],
+        "client_id": [cred.client_id],
+        "client_secret": [CLIENT_SECRET],
+    }
+
+
+async def test_revoke_reports_other_success_codes():
+    ims = FakeIMS()
+    ims.answers.append(httpx.Response(204))
+    async with ims.client() as client:
+        said = await client.revoke(oauth(), Secret(dev_token()))
+    assert said == "IMS accepted the revocation (HTTP 204)"
+
+
+@pytest.mark.parametrize(
+    ("make", "answer", "kind", "message"),
+    [
+        (
+            oauth,
+            error_answer(400, "invalid_token", "token expired", **{"X-Debug-Id": "rv1"}),
+            IMSPermanentError,
+            (
+                "IMS refused the revocation (HTTP 400); IMS said invalid_token: token expired; "
+                "X-Debug-Id rv1 (the token may have expired or been revoked already)"
+            ),
+        ),
+        (
+            credential,
+            error_answer(401, "invalid_client", "bad secret"),
+            IMSPermanentError,
+            (
+                "IMS refused the revocation (HTTP 401); IMS said invalid_client: bad secret "
+                f"({DELETED})"
+            ),
+        ),
+        (
+            oauth,
+            error_answer(401, "invalid_client", "bad secret"),
+            IMSPermanentError,
+            f"IMS refused the revocation (HTTP 401); IMS said invalid_client: bad secret ({OAUTH_DELETED})",
+        ),
+        (
+            credential,
+            error_answer(400, "invalid_scope", "nope"),
+            IMSPermanentError,
+            "IMS refused the revocation (HTTP 400); IMS said invalid_scope: nope",
+        ),
+        (
+            oauth,
+            error_answer(429, None),
+            IMSTransientError,
+            "IMS is throttling requests (HTTP 429)",
+        ),
+        (oauth, error_answer(503, None), IMSTransientError, "IMS is unavailable (HTTP 503)"),
+    ],
+)
+async def test_revoke_errors(make, answer, kind, message):
+    ims = FakeIMS()
+    ims.answers.append(answer)
+    async with ims.client() as client:
+        with pytest.raises(IMSError) as info:
+            await client.revoke(make(), Secret(dev_token()))
+    assert type(info.value) is kind
+    assert str(info.value) == message
+
+
+async def test_revoke_unreachable_ims_is_transient():
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    ims = FakeIMS()
+    ims.answers.append(refuse)
+    async with ims.client() as client:
+        with pytest.raises(
+            IMSTransientError, match="could not reach IMS at ims-na1.adobelogin.com"
+        ):
+            await client.revoke(oauth(), Secret(dev_token()))
+
+
+async def test_revoke_never_shows_the_token_or_the_secret(caplog):
+    caplog.set_level(logging.DEBUG)
+    token = dev_token()
+    for make in (credential, oauth):
+        ims = FakeIMS()
+        ims.answers.append(echo_body)
+        async with ims.client() as client:
+            with pytest.raises(IMSPermanentError) as info:
+                await client.revoke(make(), Secret(token))
+        shown = f"{info.value} {info.value!r} {info.value.description} {caplog.text}"
+        for secret in (CLIENT_SECRET, token):
+            for chunk in (secret[i : i + 16] for i in range(0, len(secret) - 15, 8)):
+                assert chunk not in shown
+        assert "token_type=access_token&token=<redacted>&cascading=all" in str(info.value)
+
+
+async def test_a_dev_token_cannot_be_revoked():
+    ims = FakeIMS()
+    async with ims.client() as client:
+        with pytest.raises(UsageError) as info:
+            await client.revoke(devtoken(), devtoken().token)
+    assert str(info.value) == (
+        "a development token cannot be revoked by the agent; it expires at 2027-01-16T08:00:00Z"
+    )
+    assert ims.requests == []
+
+
+async def test_revoke_refuses_plain_http_to_a_remote_host():
+    remote = OAuthCredential(
+        client_id=OAUTH_CLIENT_ID,
+        client_secret=Secret(CLIENT_SECRET),
+        scopes=("openid",),
+        ims_base="http://ims-na1.adobelogin.com",
+    )
+    ims = FakeIMS()
+    async with ims.client() as client:
+        with pytest.raises(IMSPermanentError, match="refusing to send credentials"):
+            await client.revoke(remote, Secret(dev_token()))
+        with pytest.raises(IMSPermanentError, match="refusing to send credentials"):
+            await client.fetch(remote)
+    assert ims.requests == []
+
+
+# --- against the emulator, an independent implementation of the same wire facts --------------------
+
+
+def emulator_transport(emulator: Emulator) -> httpx.MockTransport:
+    async def handle(request: httpx.Request) -> httpx.Response:
+        served = await emulator.handle(
+            Request(
+                method=request.method,
+                target=request.url.raw_path.decode(),
+                path=request.url.path,
+                headers=tuple((k.lower(), v) for k, v in request.headers.items()),
+                body=request.content,
+            )
+        )
+        return httpx.Response(served.status, content=served.body, headers=list(served.headers))
+
+    return httpx.MockTransport(handle)
+
+
+async def test_every_kind_against_the_emulator():
+    base = "http://127.0.0.1:4502"
+    emulator = Emulator(base)
+    documents = emulator.credential_documents()
+    creds: dict[str, Credential] = {k: parse_credential(v) for k, v in documents.items()}
+    service, oauth_cred, dev = creds["service"], creds["oauth"], creds["devtoken"]
+    assert isinstance(service, ServiceCredential)
+    assert isinstance(oauth_cred, OAuthCredential)
+    assert isinstance(dev, DevToken)
+    assert service.derived_hosts() == ("*-p12345-e67890.adobeaemcloud.com",)
+    assert oauth_cred.ims_base == base
+    assert dev.client_id == "dev-console-prod"
+    assert dev.lifetime == 86400.0
+    assert abs(dev.created_at - emulator.now()) < 60
+
+    async def aem(token: Secret) -> int:
+        answer = await emulator.handle(
+            Request(
+                "GET", "/aem/x", "/aem/x", headers=(("authorization", f"Bearer {token.reveal()}"),)
+            )
+        )
+        return answer.status
+
+    client = IMSClient(clock=FakeClock(wall=emulator.now()), transport=emulator_transport(emulator))
+    async with client:
+        for cred in (service, oauth_cred):
+            grant = await client.fetch(cred)
+            assert grant.lifetime == 86400.0
+            assert await aem(grant.access_token) == 200
+            said = await client.revoke(cred, grant.access_token)
+            assert said == "IMS accepted the revocation (HTTP 200)"
+            assert await aem(grant.access_token) == 401
+        assert await aem(dev.token) == 200
+        with pytest.raises(IMSPermanentError, match="refused the revocation"):
+            # A token of another client is refused, with the emulator's words.
+            await client.revoke(oauth_cred, dev.token)
 
 
 # --- networking: proxies and CAs ------------------------------------------------------------------
