@@ -22,6 +22,8 @@ waiting requests and the timer sleep on.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import hmac
 import itertools
 import logging
 import math
@@ -34,7 +36,7 @@ from urllib.parse import urlsplit
 import trio
 
 from aemagent.clocks import Clock, Now, SystemClock
-from aemagent.credentials import Credential, Secret
+from aemagent.credentials import Credential, DevToken, Secret
 from aemagent.errors import (
     AemAgentError,
     AmbiguousError,
@@ -52,6 +54,7 @@ from aemagent.policy import (
     TokenTimes,
     effective_min_valid,
     fetched_token_times,
+    fixed_token_times,
 )
 
 log = logging.getLogger("aemagent.agent")
@@ -59,12 +62,16 @@ log = logging.getLogger("aemagent.agent")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 # Concurrent IMS calls across all profiles (LESSONS.md 9: no refresh storms).
 DEFAULT_IMS_CONCURRENCY = 4
+# A development token counts as expired this long before the expiry IMS stamped into it.
+DEV_TOKEN_MARGIN = 30.0
 
 
 class TokenSource(Protocol):
     """Where tokens come from: `ims.IMSClient`, or a fake in tests."""
 
     async def fetch(self, credential: Credential) -> Grant: ...
+
+    async def revoke(self, credential: Credential, token: Secret) -> str: ...
 
 
 def check_profile_name(name: str) -> str:
@@ -75,6 +82,25 @@ def check_profile_name(name: str) -> str:
             " at most 64 characters"
         )
     return name
+
+
+@dataclass(frozen=True, eq=False)
+class Unloaded:
+    """Stands in for the credential of a config-file profile that could not be read (yet)."""
+
+    error: str
+    kind = "unloaded"
+    refreshable = False
+    client_id = None
+    org_id = None
+    digest = ""
+    certificate_expires_at = None
+
+    def derived_hosts(self) -> tuple[str, ...]:
+        return ()
+
+    def __str__(self) -> str:
+        return f"unloaded credential ({self.error})"
 
 
 @dataclass(eq=False)
@@ -98,7 +124,7 @@ class Served:
 @dataclass(eq=False)
 class Profile:
     name: str
-    credential: Credential
+    credential: Credential | Unloaded
     generation: int
     schedule: Schedule
     hosts: tuple[str, ...] = ()
@@ -120,6 +146,8 @@ class Profile:
 
     def state(self, now: Now) -> str:
         times = self.schedule.token
+        if isinstance(self.credential, Unloaded):
+            return "unloaded"
         if self.flight is not None:
             return "refreshing"
         if self.schedule.blocked:
@@ -130,8 +158,13 @@ class Profile:
             return "pending"
         return "valid" if times.remaining(now) > 0 else "expired"
 
-    def matches_host(self, host: str) -> bool:
-        return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.hosts)
+    @property
+    def derived_hosts(self) -> tuple[str, ...]:
+        return tuple(h for h in self.credential.derived_hosts() if h not in self.hosts)
+
+    def matches_host(self, host: str, *, derived: bool) -> bool:
+        patterns = self.derived_hosts if derived else self.hosts
+        return any(fnmatch.fnmatchcase(host, pattern) for pattern in patterns)
 
 
 class Agent:
@@ -172,6 +205,28 @@ class Agent:
 
     def profiles(self) -> list[Profile]:
         return sorted(self._profiles.values(), key=lambda p: p.name)
+
+    def find(self, name: str) -> Profile | None:
+        return self._profiles.get(name)
+
+    def add_unloaded(
+        self, name: str, error: str, hosts: tuple[str, ...] = (), default: bool = False
+    ) -> Profile:
+        """A config-file profile whose credential could not be read: it shows why."""
+        profile = Profile(
+            name=check_profile_name(name),
+            credential=Unloaded(error),
+            generation=next(self._generations),
+            schedule=Schedule(self.settings, refreshable=False),
+            hosts=hosts,
+            source="config",
+        )
+        old = self._profiles.get(name)
+        if old is not None:
+            self._drop(old)
+        self._profiles[name] = profile
+        self._set_default(profile, default)
+        return profile
 
     async def add(
         self,
@@ -216,6 +271,8 @@ class Agent:
             source=source,
             forget_at=forget_at,
         )
+        if isinstance(credential, DevToken):
+            self._load_dev_token(profile, credential, now)
         # Start the profile's tasks first (its timer waits for `published`), then publish it in
         # one synchronous step, so no request ever sees a profile without its nursery.
         await self._nursery.start(self._run_profile, profile)
@@ -226,6 +283,20 @@ class Agent:
         profile.published.set()
         log.info("profile %s: %s %s", name, "replaced with" if old else "added", credential)
         return profile
+
+    def _load_dev_token(self, profile: Profile, token: DevToken, now: Now) -> None:
+        """A development token is its own token: served until it expires, never refreshed."""
+        if token.expired(now.wall + DEV_TOKEN_MARGIN):
+            raise UnavailableError(
+                f"the development token expired at {utc_iso(token.expires_at)};"
+                " download a new one from the AEM Developer Console"
+            )
+        profile.token = token.token
+        # IMS's clock stamped its expiry; a local clock running slow would make it look valid
+        # too long, so it counts as expired a little early.
+        profile.schedule.on_success(
+            fixed_token_times(token.lifetime, token.expires_at - DEV_TOKEN_MARGIN, now)
+        )
 
     def forget(self, name: str) -> Profile:
         profile = self._profiles.get(name)
@@ -286,7 +357,12 @@ class Agent:
             host = None
         if not host:
             raise UsageError("url has no host name")
-        matches = [p for p in self.profiles() if p.matches_host(host)]
+        host = host.lower()
+        # Patterns given with --host win over those derived from the credential: a profile
+        # added for one AEM host is not shadowed by a service credential of that environment.
+        matches = [p for p in self.profiles() if p.matches_host(host, derived=False)]
+        if not matches:
+            matches = [p for p in self.profiles() if p.matches_host(host, derived=True)]
         if not matches:
             raise NotFoundError(f"no profile matches host {host}; profiles: {self._names_text()}")
         if len(matches) > 1:
@@ -342,6 +418,11 @@ class Agent:
     ) -> None:
         schedule = profile.schedule
         what = f"profile {profile.name}"
+        if isinstance(profile.credential, Unloaded):
+            raise UnavailableError(
+                f"{what}: {profile.credential.error};"
+                f" run `aemagent refresh {profile.name}` to read it again"
+            )
         if not schedule.refreshable:
             times = schedule.token
             if times is not None and times.remaining(now) > 0:
@@ -383,16 +464,63 @@ class Agent:
     async def refresh(self, name: str) -> Profile:
         """A manual refresh: lifts blocks and backoff, fetches now, waits for the result."""
         profile = self.resolve(name)
+        if isinstance(profile.credential, Unloaded):
+            raise UnavailableError(f"profile {name}: {profile.credential.error}")
+        if not profile.schedule.refreshable:
+            raise UsageError(
+                f"profile {name}: a development token cannot be refreshed;"
+                " download a new one from the AEM Developer Console and add it again"
+            )
         profile.schedule.on_manual()
-        flight = profile.flight or self._start_flight(profile)
+        await self._await_flight(profile, profile.flight or self._start_flight(profile))
+        return profile
+
+    async def force_refresh(self, name: str, if_current: str) -> tuple[Profile, bool]:
+        """A refresh asked for by a caller whose token was refused (git `erase`, a 401 retry).
+
+        Only if the caller's token (given as its SHA-256) is still the current one, at most once
+        a minute per profile, never past a permanent-failure block or a backoff: callers that
+        loop on 401s must not become a way to hammer IMS.
+        """
+        profile = self.resolve(name)
+        schedule, now = profile.schedule, self.now()
+        current = profile.token
+        if (
+            current is None
+            or not hmac.compare_digest(_sha256(current.reveal()), if_current.lower())
+            or not schedule.may_fetch(now)
+        ):
+            return profile, False
+        if profile.flight is None and not schedule.allow_forced(now):
+            return profile, False
+        log.info("profile %s: forced refresh (a caller's token was refused)", name)
+        await self._await_flight(profile, profile.flight or self._start_flight(profile))
+        return profile, True
+
+    async def _await_flight(self, profile: Profile, flight: Flight) -> None:
         wait = self.settings.request_wait
         with trio.move_on_after(wait):
             await flight.done.wait()
         if not flight.done.is_set():
-            raise UnavailableError(f"profile {name}: IMS did not answer within {wait:g} s")
+            raise UnavailableError(f"profile {profile.name}: IMS did not answer within {wait:g} s")
         if flight.error is not None:
             raise flight.error
-        return profile
+
+    async def revoke(self, profile: Profile, token: Secret | None) -> str:
+        """Best effort: ask IMS to invalidate a forgotten profile's token; says what happened."""
+        if token is None:
+            return "no token to revoke"
+        credential = profile.credential
+        if isinstance(credential, Unloaded) or not profile.schedule.refreshable:
+            return "a development token cannot be revoked by the agent; it expires on its own"
+        try:
+            with trio.fail_after(self.settings.request_wait):
+                async with self._ims_limit:
+                    return await self._ims.revoke(credential, token)
+        except trio.TooSlowError:
+            return f"revocation failed: IMS did not answer within {self.settings.request_wait:g} s"
+        except AemAgentError as exc:
+            return f"revocation failed: {exc}"
 
     # ---- the tasks
 
@@ -407,7 +535,9 @@ class Agent:
     async def _fly(self, profile: Profile, flight: Flight) -> None:
         try:
             async with self._ims_limit:
-                grant = await self._ims.fetch(profile.credential)
+                credential = profile.credential
+                assert not isinstance(credential, Unloaded), "unloaded profiles never fly"
+                grant = await self._ims.fetch(credential)
         except IMSError as exc:
             self._failed(profile, flight, exc)
         except Exception as exc:  # a bug: keep the daemon up, count it as transient
@@ -505,14 +635,21 @@ class Agent:
             "kind": credential.kind,
             "state": profile.state(now),
             "default": profile.default,
-            "hosts": list(profile.hosts),
+            "hosts": list(profile.hosts + profile.derived_hosts),
+            "account": _account(credential),
             "source": profile.source,
             "client_id": credential.client_id,
             "org_id": credential.org_id,
             "expires_at": None,
             "expires_in": None,
             "refresh_at": _unix(profile.schedule.next_refresh_wall(now)),
-            "last_error": str(profile.last_error) if profile.last_error else None,
+            "last_error": (
+                credential.error
+                if isinstance(credential, Unloaded)
+                else str(profile.last_error)
+                if profile.last_error
+                else None
+            ),
             "token_fingerprint": None,
             "certificate_expires_at": _unix(credential.certificate_expires_at),
             "forget_at": _unix(
@@ -527,11 +664,15 @@ class Agent:
         return info
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _unix(value: float | None) -> int | None:
     return None if value is None else math.floor(value)
 
 
-def _same_identity(a: Credential, b: Credential) -> bool:
+def _same_identity(a: Credential | Unloaded, b: Credential) -> bool:
     return (a.kind, a.client_id, a.org_id, _account(a)) == (
         b.kind,
         b.client_id,
@@ -540,10 +681,10 @@ def _same_identity(a: Credential, b: Credential) -> bool:
     )
 
 
-def _account(credential: Credential) -> str | None:
+def _account(credential: Credential | Unloaded) -> str | None:
     return getattr(credential, "technical_account_id", None)
 
 
-def _identity_text(credential: Credential) -> str:
+def _identity_text(credential: Credential | Unloaded) -> str:
     account = _account(credential)
     return f"client id {credential.client_id}" + (f", account {account}" if account else "")

@@ -12,13 +12,16 @@ import logging
 import math
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from aemagent import __version__
 from aemagent.agent import Agent, Served
 from aemagent.credentials import parse_credential
 from aemagent.errors import AemAgentError, UsageError
 from aemagent.httpserver import Request, Response
+
+if TYPE_CHECKING:
+    from aemagent.sources import ConfigProfiles
 
 log = logging.getLogger("aemagent.api")
 
@@ -69,9 +72,16 @@ def _not_found(path: str) -> Response:
 class AgentAPI:
     """The request handler given to `serve_http` for the agent's socket."""
 
-    def __init__(self, agent: Agent, *, shutdown: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        *,
+        shutdown: Callable[[], None],
+        config_profiles: ConfigProfiles | None = None,
+    ) -> None:
         self._agent = agent
         self._shutdown = shutdown
+        self._config_profiles = config_profiles
 
     async def __call__(self, request: Request) -> Response:
         found = route(request.method, request.path)
@@ -127,9 +137,14 @@ class AgentAPI:
         return Response.json(201, self._agent.describe(profile))
 
     async def _forget_all(self, request: Request, name: str | None) -> Response:
-        del request, name
+        del name
+        revoke = _revoke_flag(request)
+        tokens = [(p, p.token) for p in self._agent.profiles()]
         dropped = self._agent.forget_all()
-        return Response.json(200, {"forgotten": [p.name for p in dropped]})
+        answer: dict[str, Any] = {"forgotten": [p.name for p in dropped]}
+        if revoke:
+            answer["revoked"] = {p.name: await self._agent.revoke(p, token) for p, token in tokens}
+        return Response.json(200, answer)
 
     async def _show(self, request: Request, name: str | None) -> Response:
         del request
@@ -137,16 +152,35 @@ class AgentAPI:
         return Response.json(200, self._agent.describe(self._agent.resolve(name)))
 
     async def _forget(self, request: Request, name: str | None) -> Response:
-        del request
         assert name is not None
+        revoke = _revoke_flag(request)
+        token = self._agent.resolve(name).token
         profile = self._agent.forget(name)
-        return Response.json(200, {"forgotten": [profile.name]})
+        answer: dict[str, Any] = {"forgotten": [profile.name]}
+        if revoke:
+            answer["revoked"] = {profile.name: await self._agent.revoke(profile, token)}
+        return Response.json(200, answer)
 
     async def _refresh(self, request: Request, name: str | None) -> Response:
-        del request
         assert name is not None
-        profile = await self._agent.refresh(name)
-        return Response.json(200, self._agent.describe(profile))
+        if not request.body.strip():
+            await self._reread_source(name)
+            profile = await self._agent.refresh(name)
+            return Response.json(200, {**self._agent.describe(profile), "refreshed": True})
+        body = _json_body(request)
+        _only_keys(body, {"if_current"}, "field")
+        if_current = body.get("if_current")
+        if not isinstance(if_current, str) or len(if_current) != 64:
+            raise UsageError("field if_current must be the SHA-256 of a token, in hex")
+        profile, refreshed = await self._agent.force_refresh(name, if_current)
+        return Response.json(200, {**self._agent.describe(profile), "refreshed": refreshed})
+
+    async def _reread_source(self, name: str) -> None:
+        """A manual refresh of a config-file profile reads its file or command again first."""
+        profile = self._agent.resolve(name)
+        source = self._config_profiles.source(name) if self._config_profiles else None
+        if self._config_profiles is not None and source is not None and profile.source == "config":
+            await self._config_profiles.load_one(source)
 
     async def _shutdown_now(self, request: Request, name: str | None) -> Response:
         del request, name
@@ -169,6 +203,14 @@ class AgentAPI:
     }
 
 
+def _revoke_flag(request: Request) -> bool:
+    _only_keys(request.query, {"revoke"}, "query parameter")
+    value = request.query.get("revoke", "0").lower()
+    if value not in ("0", "1", "true", "false", ""):
+        raise UsageError("revoke must be 1 or 0")
+    return value in ("1", "true")
+
+
 def _token_json(served: Served) -> dict[str, Any]:
     credential = served.profile.credential
     return {
@@ -179,6 +221,7 @@ def _token_json(served: Served) -> dict[str, Any]:
         "profile": served.profile.name,
         "client_id": credential.client_id,
         "org_id": credential.org_id,
+        "account": getattr(credential, "technical_account_id", None),
     }
 
 

@@ -53,8 +53,13 @@ class FakeCredential:
     refreshable = True
     certificate_expires_at = None
 
+    derived: tuple[str, ...] = ()
+
     def default_name(self) -> str:
         return "p1-e2"
+
+    def derived_hosts(self) -> tuple[str, ...]:
+        return self.derived
 
 
 class FakeIMS:
@@ -67,8 +72,17 @@ class FakeIMS:
         self.script: list[Exception | None] = []
         self.calls: list[tuple[float, str]] = []  # (trio time, client id)
         self.gate: trio.Event | None = None
+        self.revoked: list[str] = []
         self.active = 0
         self.max_active = 0
+
+    async def revoke(self, credential: FakeCredential, token: Secret) -> str:
+        self.revoked.append(token.reveal())
+        await trio.sleep(self.latency)
+        outcome = self.script.pop(0) if self.script else None
+        if outcome is not None:
+            raise outcome
+        return "IMS accepted the revocation (HTTP 200)"
 
     async def fetch(self, credential: FakeCredential) -> Grant:
         self.calls.append((trio.current_time(), credential.client_id))

@@ -325,3 +325,128 @@ async def test_describe_has_no_secrets(autojump_clock, clock, ims):
         text = repr(agent.describe(agent.resolve()))
         assert "token-cm-p1-e2" not in text
         assert agent.describe(agent.resolve())["token_fingerprint"].startswith("sha256:")
+
+
+def sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def test_forced_refresh_only_for_the_current_token_and_once_a_minute(
+    autojump_clock, clock, ims
+):
+    async with running(ims, clock) as agent:
+        await agent.add(FakeCredential())
+        first = (await agent.token()).token.reveal()
+        _, refreshed = await agent.force_refresh("p1-e2", sha("some other token"))
+        assert not refreshed
+        _, refreshed = await agent.force_refresh("p1-e2", sha(first))
+        assert refreshed
+        second = (await agent.token()).token.reveal()
+        assert second != first
+        # the new token refused too, but within a minute: no second IMS call
+        await trio.sleep(30)
+        _, refreshed = await agent.force_refresh("p1-e2", sha(second).upper())
+        assert not refreshed
+        await trio.sleep(31)
+        _, refreshed = await agent.force_refresh("p1-e2", sha(second))
+        assert refreshed
+        assert len(ims.calls) == 3
+
+
+async def test_forced_refresh_never_lifts_a_permanent_block(autojump_clock, clock, ims):
+    async with running(ims, clock) as agent:
+        await agent.add(FakeCredential())
+        token = (await agent.token()).token.reveal()
+        ims.script = [IMSPermanentError("refused", error="invalid_client")]
+        await trio.sleep(DAY * 0.76)  # the scheduled refresh fails permanently
+        assert agent.resolve().schedule.blocked
+        for _ in range(5):
+            _, refreshed = await agent.force_refresh("p1-e2", sha(token))
+            assert not refreshed
+            await trio.sleep(61)
+        assert len(ims.calls) == 2
+
+
+async def test_explicit_hosts_win_over_derived_ones(autojump_clock, clock, ims):
+    async with running(ims, clock) as agent:
+        derived = ("*-p1-e2.adobeaemcloud.com",)
+        await agent.add(FakeCredential(derived=derived), name="service")
+        await agent.add(
+            FakeCredential(client_id="dev", digest="2"),
+            name="mine",
+            hosts=("author-p1-e2.adobeaemcloud.com",),
+        )
+        pick = agent.resolve
+        assert pick(url="https://AUTHOR-p1-e2.adobeaemcloud.com/x").name == "mine"
+        assert pick(url="https://publish-p1-e2.adobeaemcloud.com/x").name == "service"
+        assert pick(url="preview-p1-e2.adobeaemcloud.com").name == "service"
+        with pytest.raises(NotFoundError, match="no profile matches host publish-p1-e22"):
+            pick(url="https://publish-p1-e22.adobeaemcloud.com/")
+        await agent.add(FakeCredential(derived=derived, digest="3", client_id="x"), name="twin")
+        with pytest.raises(AmbiguousError, match="service, twin"):
+            pick(url="https://publish-p1-e2.adobeaemcloud.com/")
+        assert agent.describe(pick("service"))["hosts"] == ["*-p1-e2.adobeaemcloud.com"]
+
+
+async def test_revoke_asks_ims_and_reports(autojump_clock, clock, ims):
+    async with running(ims, clock) as agent:
+        profile = await agent.add(FakeCredential())
+        token = profile.token or (await agent.token()).token
+        agent.forget("p1-e2")
+        said = await agent.revoke(profile, token)
+        assert said == "IMS accepted the revocation (HTTP 200)"
+        assert ims.revoked == [token.reveal()]
+        ims.script = [IMSPermanentError("IMS refused", error="invalid_token")]
+        said = await agent.revoke(profile, token)
+        assert said.startswith("revocation failed: IMS refused")
+
+
+def dev_token_for(clock: LinkedClock, *, hours_left: float, lifetime_h: float = 24.0):
+    from keys import dev_token
+
+    from aemagent.credentials import parse_credential
+
+    now_ms = clock.now().wall * 1000
+    created = now_ms - (lifetime_h - hours_left) * 3600_000
+    return parse_credential(
+        dev_token(created_at=str(int(created)), expires_in=str(int(lifetime_h * 3600_000)))
+    )
+
+
+async def test_dev_token_is_served_until_it_expires_and_never_refreshed(autojump_clock, clock, ims):
+    async with running(ims, clock) as agent:
+        token = dev_token_for(clock, hours_left=3)
+        profile = await agent.add(token)
+        assert profile.name == "devtoken"
+        served = await agent.token()
+        assert served.token.reveal() == token.token.reveal()
+        # counted as expired 30 s early (IMS's clock stamped it; ours may run slow)
+        assert served.expires_in == pytest.approx(3 * 3600 - 30, abs=1)
+        await trio.sleep(3 * 3600 - 30 - 61)
+        await agent.token()  # 61 s left: still served with the default min_valid (60 s)
+        with pytest.raises(UnavailableError, match="only 1m 1s left, less than 120 s"):
+            await agent.token(min_valid=120)
+        await trio.sleep(62)
+        with pytest.raises(UnavailableError, match="expired at .*download a new one"):
+            await agent.token()
+        with pytest.raises(UsageError, match="cannot be refreshed"):
+            await agent.refresh("devtoken")
+        assert ims.calls == []
+        assert agent.describe(agent.resolve())["state"] == "expired"
+
+
+async def test_an_expired_dev_token_is_refused_at_add(autojump_clock, clock, ims):
+    async with running(ims, clock) as agent:
+        with pytest.raises(UnavailableError, match="expired at"):
+            await agent.add(dev_token_for(clock, hours_left=-1))
+        assert agent.profiles() == []
+
+
+async def test_dev_token_suspend_counts(autojump_clock, clock, ims):
+    async with running(ims, clock) as agent:
+        await agent.add(dev_token_for(clock, hours_left=3))
+        clock.suspend(4 * 3600)
+        with pytest.raises(UnavailableError, match="expired"):
+            await agent.token()
