@@ -91,7 +91,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     pid = agent_pid(path)
     if pid is None:
         try:
-            pid = spawn_daemon(path, log_level=args.log_level, timeout=_START_TIMEOUT)
+            pid = spawn_daemon(
+                path, log_level=args.log_level, config=args.config, timeout=_START_TIMEOUT
+            )
         except LaunchError as exc:
             raise CLIError(str(exc)) from None
         except AemAgentError as exc:
@@ -124,11 +126,30 @@ def _fish_quote(text: str) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from aemagent import logs
+    from aemagent.config import load_config
 
-    logs.configure(args.log_level)
+    try:
+        config = load_config(args.config, required=args.config is not None)
+    except AemAgentError as exc:
+        raise CLIError(str(exc), EXIT_USAGE) from None
+    logs.configure(args.log_level or config.log_level or "info")
     from aemagent.daemon import DaemonSettings, run
 
-    return run(DaemonSettings(socket_path=socket_path(args.socket)))
+    return run(DaemonSettings(socket_path=socket_path(args.socket), config=config))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    import signal
+
+    from aemagent.launch import agent_pid
+
+    path = socket_path(args.socket)
+    pid = agent_pid(path)
+    if pid is None:
+        raise CLIError(f"no agent answers on {path}; start it with `aemagent start`", EXIT_NO_AGENT)
+    os.kill(pid, signal.SIGHUP)
+    print(f"asked the agent (pid {pid}) to reload its config file")
+    return EXIT_OK
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
@@ -144,6 +165,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
+    if args.save and args.file == "-":
+        raise CLIError(
+            "--save records a FILE's path; for stdin, write a `command` profile in the config file",
+            EXIT_USAGE,
+        )
     credential = read_credential(args.file)
     body: dict[str, Any] = {"credential": credential}
     if args.name:
@@ -168,7 +194,26 @@ def cmd_add(args: argparse.Namespace) -> int:
             f"added profile {name} ({what}), but it has no token: {exc}", exc.code
         ) from None
     print(f"added profile {name} ({what}); token valid for {human_duration(token['expires_in'])}")
+    if args.save:
+        save_to_config(args, name)
     return EXIT_OK
+
+
+def save_to_config(args: argparse.Namespace, name: str) -> None:
+    from aemagent.config import ProfileSource, default_config_path, save_profile
+
+    path = args.config or default_config_path()
+    source = ProfileSource(
+        name=name,
+        file=os.path.abspath(args.file),
+        hosts=tuple(h.lower() for h in args.host),
+        default=args.default,
+    )
+    try:
+        save_profile(path, source)
+    except AemAgentError as exc:
+        raise CLIError(f"added, but not saved: {exc}") from None
+    print(f"saved profile {name} in {path} (the file's path, not its content)")
 
 
 def read_credential(source: str) -> Any:
@@ -287,16 +332,23 @@ def human_duration(seconds: float) -> str:
 def cmd_forget(args: argparse.Namespace) -> int:
     if args.all == bool(args.names):
         raise CLIError("name the profiles to forget, or say --all (not both)", EXIT_USAGE)
+    query = "?revoke=1" if args.revoke else ""
+    timeout = _IMS_READ_TIMEOUT if args.revoke else 10.0
     if args.all:
-        answer = call(args, "DELETE", "/v1/profiles")
+        answer = call(args, "DELETE", f"/v1/profiles{query}", read_timeout=timeout)
         names = answer.get("forgotten", [])
         print(f"forgot {len(names)} profile(s)" + (f": {', '.join(names)}" if names else ""))
+        for name, said in answer.get("revoked", {}).items():
+            print(f"  {name}: {said}")
         return EXIT_OK
     code = EXIT_OK
     for name in args.names:
         try:
-            call(args, "DELETE", f"/v1/profiles/{quote(name)}")
-            print(f"forgot {name}")
+            answer = call(
+                args, "DELETE", f"/v1/profiles/{quote(name)}{query}", read_timeout=timeout
+            )
+            said = answer.get("revoked", {}).get(name)
+            print(f"forgot {name}" + (f"; {said}" if said else ""))
         except CLIError as exc:
             if exc.code == EXIT_NO_AGENT:
                 raise
@@ -368,9 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     log_opt = _Parser(add_help=False)
     log_opt.add_argument(
         "--log-level",
-        default="info",
         choices=("debug", "info", "warning", "error"),
-        help="daemon log level (default info); secrets and tokens are never logged",
+        help="daemon log level (default: the config file's, else info); never logs a secret",
+    )
+    log_opt.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $AEMAGENT_CONFIG, else ~/.config/aemagent/config.toml)",
     )
     parser = _Parser(
         prog="aemagent", description="The ssh-agent of AEM: IMS access tokens from memory."
@@ -407,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stop", parents=[socket_opt], help="stop the agent")
     p.set_defaults(func=cmd_stop)
 
+    p = sub.add_parser(
+        "reload", parents=[socket_opt], help="re-read the config file (sends the agent SIGHUP)"
+    )
+    p.set_defaults(func=cmd_reload)
+
     p = sub.add_parser("add", parents=[socket_opt], help="load a credential into the agent")
     p.add_argument(
         "file",
@@ -428,6 +489,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--default", action="store_true", help="make this the default profile")
     p.add_argument(
+        "--save",
+        action="store_true",
+        help="also record FILE's path (never its content) as a profile in the config file",
+    )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="the config file --save writes (default: $AEMAGENT_CONFIG, else the user config dir)",
+    )
+    p.add_argument(
         "--lifetime",
         type=parse_duration,
         metavar="DURATION",
@@ -447,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--all", action="store_true", help="forget every profile")
+    p.add_argument(
+        "--revoke",
+        action="store_true",
+        help="also ask IMS to invalidate the current token (best effort; reported honestly)",
+    )
     p.set_defaults(func=cmd_forget)
 
     p = sub.add_parser(

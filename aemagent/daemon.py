@@ -34,10 +34,11 @@ from aemagent import __version__
 from aemagent.agent import Agent
 from aemagent.api import AgentAPI
 from aemagent.clocks import Clock, SystemClock
+from aemagent.config import Config
 from aemagent.errors import AemAgentError
 from aemagent.httpserver import Limits, serve_http
 from aemagent.ims import IMSClient
-from aemagent.policy import PolicySettings
+from aemagent.sources import ConfigProfiles
 from aemagent.unixsocket import (
     AlreadyRunning,
     LifetimeLock,
@@ -56,16 +57,13 @@ _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBU
 @dataclass(frozen=True)
 class DaemonSettings:
     socket_path: str
+    config: Config = field(default_factory=Config)
     max_connections: int = 1024
     # Connections still busy when a stop is asked for get this long to finish.
     shutdown_grace: float = 2.0
     # How often the daemon checks that its socket file is still its own.
     watch_interval: float = 5.0
     limits: Limits = field(default_factory=Limits)
-    policy: PolicySettings = field(default_factory=PolicySettings)
-    ims_timeout: float = 20.0
-    proxy: str | None = None
-    ca_file: str | None = None
 
     def __post_init__(self) -> None:
         # Absolute once, here: the daemon compares and removes this path at exit.
@@ -73,10 +71,11 @@ class DaemonSettings:
 
 
 class _Server:
-    def __init__(self, settings: DaemonSettings, agent: Agent) -> None:
+    def __init__(self, settings: DaemonSettings, agent: Agent, profiles: ConfigProfiles) -> None:
         self.settings = settings
         self.agent = agent
-        self.api = AgentAPI(agent, shutdown=self.request_stop)
+        self.profiles = profiles
+        self.api = AgentAPI(agent, shutdown=self.request_stop, config_profiles=profiles)
         self.stop_requested = trio.Event()
         self.displaced = False
         self._slots = trio.Semaphore(settings.max_connections)
@@ -120,11 +119,12 @@ class _Server:
             await trio.aclose_forcefully(stream)
             self._slots.release()
 
-    async def watch_signals(self) -> None:
+    async def watch_signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    log.info("SIGHUP: no config-file profiles to reload")
+                    log.info("SIGHUP: reloading %s", self.profiles.config.path)
+                    nursery.start_soon(self.profiles.reload)
                     continue
                 log.info("%s: stopping", signal.Signals(signum).name)
                 self.request_stop()
@@ -154,20 +154,29 @@ async def serve_agent(
     lock = LifetimeLock(path)
     clock = clock or SystemClock()
     own_ims = ims is None
+    config = settings.config
     ims = ims or IMSClient(
-        clock=clock, timeout=settings.ims_timeout, proxy=settings.proxy, ca_file=settings.ca_file
+        clock=clock,
+        timeout=config.ims_timeout,
+        proxy=config.proxy_for_daemon(os.environ),
+        ca_file=config.ca_file,
     )
     try:
         sock, ours = await bind_socket(path)
-        agent = Agent(ims, clock=clock, settings=settings.policy)
-        server = _Server(settings, agent)
+        agent = Agent(
+            ims, clock=clock, settings=config.policy, ims_concurrency=config.ims_concurrency
+        )
+        profiles = ConfigProfiles(agent, config)
+        server = _Server(settings, agent, profiles)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(agent.run)
+                profiles.reserve()  # config profiles exist (as "loading") before we serve
+                nursery.start_soon(profiles.load)
                 closing, drained = trio.Event(), trio.Event()
                 connections = await nursery.start(_serve_connections, closing, drained)
                 nursery.start_soon(server.accept_loop, sock, connections)
-                nursery.start_soon(server.watch_signals)
+                nursery.start_soon(server.watch_signals, nursery)
                 nursery.start_soon(server.watch_socket, path, ours)
                 log.info("aemagent %s serving on %s (pid %d)", __version__, path, os.getpid())
                 notify_systemd("READY=1")
@@ -258,6 +267,6 @@ def run(settings: DaemonSettings) -> int:
         log.info("%s; not starting another", exc)
         return 0
     except AemAgentError as exc:
-        log.error("%s", exc)  # noqa: TRY400 - an expected failure: one line, no traceback
+        log.error("%s", exc)
         return 1
     return 0

@@ -66,45 +66,58 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else ""
 
 
-def spawn_daemon(path: str, *, log_level: str, timeout: float) -> int:
+def spawn_daemon(
+    path: str, *, timeout: float, log_level: str | None = None, config: str | None = None
+) -> int:
     """Start `aemagent serve` detached; return the PID of the agent that then serves `path`."""
-    from aemagent.unixsocket import ensure_private_dir
+    from aemagent.unixsocket import ensure_private_dir, lock_is_held
 
     ensure_private_dir(os.path.dirname(os.path.abspath(path)))  # a clear error here, not in a log
     log_path = log_file_path()
-    log_fd = _open_log(log_path)
-    argv = [sys.executable, "-m", "aemagent", "serve", "--socket", path, "--log-level", log_level]
-    try:
-        child = os.posix_spawn(
-            sys.executable,
-            argv,
-            os.environ,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                (os.POSIX_SPAWN_DUP2, log_fd, 2),
-            ],
-            setsid=True,
-        )
-    finally:
-        os.close(log_fd)
+    argv = [sys.executable, "-m", "aemagent", "serve", "--socket", path]
+    if log_level:
+        argv += ["--log-level", log_level]
+    if config:
+        argv += ["--config", os.path.abspath(config)]
+
+    def spawn() -> int:
+        log_fd = _open_log(log_path)
+        try:
+            return os.posix_spawn(
+                sys.executable,
+                argv,
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                ],
+                setsid=True,
+            )
+        finally:
+            os.close(log_fd)
+
+    child: int | None = spawn()
     deadline = time.monotonic() + timeout
-    exited = False
     while time.monotonic() < deadline:
         pid = agent_pid(path)
         if pid is not None:
             return pid
-        if not exited:
+        if child is not None:
             done, status = os.waitpid(child, os.WNOHANG)
             if done:
-                exited = True
+                child = None
                 code = os.waitstatus_to_exitcode(status)
                 if code != 0:
                     raise LaunchError(
                         f"the agent exited with code {code}: {_last_line(log_path)}"
                         f" (log: {log_path})"
                     )
-                # Exit 0 before serving: another `start` won the lock; its agent answers soon.
+                # Exit 0 before serving: a live daemon holds the lock. Usually another `start`
+                # won the race and its agent answers soon; but it may be one whose socket file
+                # was removed, which exits within its watch interval without serving.
+        elif not lock_is_held(path):
+            child = spawn()  # the lock holder left without serving: try again
         time.sleep(_POLL)
     raise LaunchError(f"the agent did not answer on {path} within {timeout:g} s (log: {log_path})")
 

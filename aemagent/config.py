@@ -1,0 +1,250 @@
+"""The config file: agent-wide settings, and profiles that say where their secret lives.
+
+    # ~/.config/aemagent/config.toml (or $AEMAGENT_CONFIG, or --config PATH)
+    [agent]
+    https_proxy = "http://proxy.example.com:3128"   # a daemon started by systemd/launchd does
+    ca_file = "/etc/ssl/certs/corp-ca.pem"          # not inherit the login shell's environment
+
+    [profiles.p12345-e67890]
+    file = "~/secrets/aem-service.json"             # or:
+    # command = "op read op://Private/aem/credential"
+    hosts = ["author-p12345-e67890.adobeaemcloud.com"]
+    default = true
+
+The file never holds a secret, only where to get one. Unknown keys are errors naming the file and
+the key (a typo must not silently drop a setting). Environment beats config file beats defaults:
+`HTTPS_PROXY` set in the daemon's environment wins over `https_proxy` here. Writes (`add --save`)
+go to a temporary file, then `os.replace`, mode 0600.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from aemagent.errors import ConfigError
+from aemagent.policy import PolicySettings
+
+# A credential is a few KiB; a command printing more than this is not printing a credential.
+MAX_SOURCE_BYTES = 1024 * 1024
+DEFAULT_COMMAND_TIMEOUT = 30.0
+
+_AGENT_KEYS = {
+    "https_proxy": str,
+    "ca_file": str,
+    "ims_timeout": float,
+    "ims_concurrency": int,
+    "log_level": str,
+    "refresh_fraction": float,
+    "refresh_jitter": float,
+    "backoff_initial": float,
+    "backoff_max": float,
+    "request_wait": float,
+}
+_PROFILE_KEYS = {"file", "command", "timeout", "hosts", "default"}
+
+
+@dataclass(frozen=True)
+class ProfileSource:
+    """A config-file profile: where its credential comes from. Never the credential itself."""
+
+    name: str
+    file: str | None = None
+    command: str | None = None
+    timeout: float = DEFAULT_COMMAND_TIMEOUT
+    hosts: tuple[str, ...] = ()
+    default: bool = False
+
+    def describe(self) -> str:
+        return f"file {self.file}" if self.file else f"command `{self.command}`"
+
+    def to_toml(self) -> dict[str, Any]:
+        table: dict[str, Any] = {"file": self.file} if self.file else {"command": self.command}
+        if self.command and self.timeout != DEFAULT_COMMAND_TIMEOUT:
+            table["timeout"] = self.timeout
+        if self.hosts:
+            table["hosts"] = list(self.hosts)
+        if self.default:
+            table["default"] = True
+        return table
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str | None = None
+    https_proxy: str | None = None
+    ca_file: str | None = None
+    ims_timeout: float = 20.0
+    ims_concurrency: int = 4
+    log_level: str | None = None
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    profiles: tuple[ProfileSource, ...] = ()
+
+    def proxy_for_daemon(self, environ: dict[str, str] | os._Environ[str]) -> str | None:
+        """The proxy to pass explicitly: the config's, unless the environment names one."""
+        env_names = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+        if any(environ.get(name) for name in env_names):
+            return None  # httpx reads the environment itself (trust_env), NO_PROXY included
+        return self.https_proxy
+
+
+def default_config_path(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
+    environ = os.environ if environ is None else environ
+    explicit = environ.get("AEMAGENT_CONFIG")
+    if explicit:
+        return explicit
+    import platformdirs
+
+    return os.path.join(platformdirs.user_config_dir("aemagent"), "config.toml")
+
+
+def load_config(path: str | None = None, *, required: bool = False) -> Config:
+    """Read the config file; a missing default file is an empty config."""
+    path = path or default_config_path()
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return Config(path=path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return parse_config(data, path)
+
+
+def parse_config(data: dict[str, Any], path: str) -> Config:
+    unknown = sorted(set(data) - {"agent", "profiles"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: agent, profiles)")
+    agent = _table(data.get("agent", {}), path, "agent")
+    settings: dict[str, Any] = {}
+    for key, value in agent.items():
+        kind = _AGENT_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(
+                f"{path}: unknown key agent.{key} (known: {', '.join(sorted(_AGENT_KEYS))})"
+            )
+        settings[key] = _typed(value, kind, path, f"agent.{key}")
+    if settings.get("log_level", "info") not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{path}: agent.log_level must be debug, info, warning or error")
+    policy_keys = {"refresh_fraction", "refresh_jitter", "backoff_initial", "backoff_max",
+                   "request_wait"}  # fmt: skip
+    policy = PolicySettings(**{k: settings.pop(k) for k in list(settings) if k in policy_keys})
+    if not 0 < policy.refresh_fraction < 1 or not 0 <= policy.refresh_jitter < 1:
+        raise ConfigError(f"{path}: refresh_fraction and refresh_jitter must be between 0 and 1")
+    if settings.get("ims_concurrency", 4) < 1:
+        raise ConfigError(f"{path}: agent.ims_concurrency must be at least 1")
+    profiles = tuple(
+        _profile(name, table, path)
+        for name, table in _table(data.get("profiles", {}), path, "profiles").items()
+    )
+    defaults = [p.name for p in profiles if p.default]
+    if len(defaults) > 1:
+        raise ConfigError(f"{path}: several profiles say default = true: {', '.join(defaults)}")
+    return Config(path=path, policy=policy, profiles=profiles, **settings)
+
+
+def _table(value: Any, path: str, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {where} must be a table")
+    return value
+
+
+def _typed(value: Any, kind: type, path: str, where: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{path}: {where} must be a {kind.__name__}, got {type(value).__name__}")
+    if isinstance(value, float) and (not math.isfinite(value) or value <= 0):
+        raise ConfigError(f"{path}: {where} must be a positive number")
+    return value
+
+
+def _profile(name: str, table: Any, path: str) -> ProfileSource:
+    from aemagent.agent import check_profile_name
+    from aemagent.errors import UsageError
+
+    where = f"profiles.{name}"
+    try:
+        check_profile_name(name)
+    except UsageError as exc:
+        raise ConfigError(f"{path}: {where}: {exc}") from None
+    table = _table(table, path, where)
+    unknown = sorted(set(table) - _PROFILE_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key {where}.{unknown[0]} (known: {', '.join(sorted(_PROFILE_KEYS))})"
+        )
+    file, command = table.get("file"), table.get("command")
+    if (file is None) == (command is None):
+        raise ConfigError(f'{path}: {where} needs exactly one of file = "…" or command = "…"')
+    for key, value in (("file", file), ("command", command)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ConfigError(f"{path}: {where}.{key} must be a non-empty string")
+    hosts = table.get("hosts", [])
+    if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+        raise ConfigError(f"{path}: {where}.hosts must be a list of host patterns")
+    default = table.get("default", False)
+    if not isinstance(default, bool):
+        raise ConfigError(f"{path}: {where}.default must be true or false")
+    timeout = _typed(table.get("timeout", DEFAULT_COMMAND_TIMEOUT), float, path, f"{where}.timeout")
+    if file is not None:
+        file = os.path.expanduser(file)
+        if not os.path.isabs(file):
+            file = os.path.join(os.path.dirname(os.path.abspath(path)), file)
+    return ProfileSource(
+        name=name,
+        file=file,
+        command=command,
+        timeout=timeout,
+        hosts=tuple(h.lower() for h in hosts),
+        default=default,
+    )
+
+
+def save_profile(path: str, source: ProfileSource) -> None:
+    """Record a profile's source in the config file: atomically, mode 0600, others kept.
+
+    Comments in the file are not kept (tomli-w writes plain TOML); the README says so.
+    """
+    import tomli_w
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        data = {}
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot update config file {path}: {exc}") from None
+    parse_config(data, path)  # refuse to rewrite a file we would refuse to read
+    data.setdefault("profiles", {})[source.name] = source.to_toml()
+    if source.default:
+        for name, table in data["profiles"].items():
+            if name != source.name:
+                table.pop("default", None)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            tomli_w.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with _suppress_oserror():
+            os.unlink(temporary)
+        raise
+
+
+def _suppress_oserror() -> Any:
+    import contextlib
+
+    return contextlib.suppress(OSError)

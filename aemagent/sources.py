@@ -1,0 +1,122 @@
+"""Config-file profiles in the running agent: reading their secrets, reloading on SIGHUP.
+
+A profile's secret comes from a file or from a command's standard output (a password manager:
+`op read …`, `pass show …`). A command runs through `/bin/sh -c` with standard input closed and a
+timeout; if it fails, the first line of its stderr goes into the profile's error, because at
+login a password manager may still be locked: the profile then shows that error, and
+`aemagent refresh NAME` reads the source again.
+
+A reload touches only config-file profiles, never ones added with `aemagent add`, and a profile
+whose credential did not change keeps its token (`Agent.add` sees the same digest).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+
+import trio
+
+from aemagent.agent import Agent, Unloaded
+from aemagent.config import MAX_SOURCE_BYTES, Config, ProfileSource, load_config
+from aemagent.credentials import parse_credential
+from aemagent.errors import AemAgentError, ConfigError, UnavailableError
+
+log = logging.getLogger("aemagent.config")
+
+
+async def read_source(source: ProfileSource) -> bytes:
+    """The credential bytes from the profile's file or command."""
+    if source.file is not None:
+        try:
+            async with await trio.open_file(source.file, "rb") as f:
+                data = await f.read(MAX_SOURCE_BYTES + 1)
+        except OSError as exc:
+            raise UnavailableError(f"cannot read {source.file}: {exc.strerror}") from None
+    else:
+        assert source.command is not None
+        data = await _run(source.command, source.timeout)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise UnavailableError(f"{source.describe()} gave more than {MAX_SOURCE_BYTES} bytes")
+    return data
+
+
+async def _run(command: str, limit: float) -> bytes:
+    with trio.move_on_after(limit) as scope:
+        done = await trio.run_process(
+            ["/bin/sh", "-c", command],
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    if scope.cancelled_caught:
+        raise UnavailableError(f"command `{command}` did not finish within {limit:g} s")
+    if done.returncode != 0:
+        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        said = f": {lines[0][:200]}" if lines else ""
+        raise UnavailableError(f"command `{command}` failed (exit {done.returncode}){said}")
+    return bytes(done.stdout)
+
+
+class ConfigProfiles:
+    """Loads the config file's profiles into the agent, at start and on every SIGHUP."""
+
+    def __init__(self, agent: Agent, config: Config) -> None:
+        self._agent = agent
+        self.config = config
+
+    async def reload(self) -> None:
+        """Read the config file again, then load every profile in it."""
+        try:
+            self.config = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("reload: %s; keeping the profiles as they are", exc)
+            return
+        await self.load()
+
+    def reserve(self) -> None:
+        """Register every config profile as 'loading' before the socket serves (no 404 race)."""
+        for source in self.config.profiles:
+            if self._agent.find(source.name) is None:
+                self._agent.add_unloaded(
+                    source.name, "its credential is still being read", source.hosts, source.default
+                )
+
+    async def load(self) -> None:
+        wanted = {source.name: source for source in self.config.profiles}
+        for profile in self._agent.profiles():
+            if profile.source == "config" and profile.name not in wanted:
+                self._agent.forget(profile.name)
+        async with trio.open_nursery() as nursery:
+            for source in wanted.values():
+                nursery.start_soon(self.load_one, source)
+        log.info("config %s: %d profile(s)", self.config.path, len(wanted))
+
+    async def load_one(self, source: ProfileSource) -> None:
+        existing = self._agent.find(source.name)
+        if existing is not None and existing.source != "config":
+            log.warning(
+                "config profile %s: a profile of that name was added by hand; leaving it",
+                source.name,
+            )
+            return
+        try:
+            credential = parse_credential(await read_source(source))
+        except AemAgentError as exc:
+            log.error("config profile %s (%s): %s", source.name, source.describe(), exc)
+            if existing is None or isinstance(existing.credential, Unloaded):
+                self._agent.add_unloaded(source.name, str(exc), source.hosts, source.default)
+            else:  # keep serving the credential we have; show why the new one did not load
+                existing.last_error = exc
+            return
+        await self._agent.add(
+            credential,
+            name=source.name,
+            hosts=source.hosts,
+            default=source.default,
+            source="config",
+        )
+
+    def source(self, name: str) -> ProfileSource | None:
+        return next((s for s in self.config.profiles if s.name == name), None)
