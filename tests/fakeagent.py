@@ -6,12 +6,15 @@ Standard library only, so it also runs standalone (for benchmarks):
 
 It records every request (`FakeAgent.requests`) and answers each with a `Canned` answer, or with
 what a function of the request returns. A `Canned` with `raw` set sends those bytes verbatim, to
-feed the client garbage, truncated or oversized answers.
+feed the client garbage, truncated or oversized answers. `FakeProfiles` is such a function that
+behaves like the agent's token and forced-refresh endpoints, for the git and Python clients.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
+import hashlib
 import json
 import shutil
 import signal
@@ -19,6 +22,8 @@ import socket
 import sys
 import tempfile
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +92,107 @@ def token_answer(token: str = "eyJ.tok.en", **extra: object) -> Callable[[Record
         return json_answer(200, info)
 
     return answer
+
+
+@dataclass
+class FakeProfile:
+    """One profile of `FakeProfiles`; `token` changes on every refresh."""
+
+    name: str
+    hosts: tuple[str, ...] = ()
+    token: str = "eyJ.tok.en"
+    account: str | None = None
+    client_id: str | None = None
+    org_id: str | None = None
+    expires_at: int = 1_900_000_000
+    refreshes: int = 0
+    forced_at: float | None = None
+
+
+class FakeProfiles:
+    """The agent's `GET /v1/token` and `POST /v1/profiles/{name}/refresh`, in memory.
+
+    Profile choice as CONTRACT.md says (profile, else url's host against the patterns, else the
+    only profile); a refresh with `{"if_current": sha256}` happens only if that is the current
+    token and no forced refresh happened in the last `FORCED_INTERVAL` seconds.
+    """
+
+    FORCED_INTERVAL = 60.0
+
+    def __init__(self, *profiles: FakeProfile) -> None:
+        self.profiles = {p.name: p for p in profiles}
+        self.clock = time.monotonic
+
+    def __call__(self, request: Recorded) -> Canned:
+        path, _, query = request.target.partition("?")
+        params = dict(urllib.parse.parse_qsl(query))
+        parts = path.split("/")
+        if request.method == "GET" and path == "/v1/token":
+            return self._token(request, params)
+        refresh = len(parts) == 5 and parts[:3] == ["", "v1", "profiles"] and parts[4] == "refresh"
+        if request.method == "POST" and refresh:
+            return self._refresh(urllib.parse.unquote(parts[3]), request.body)
+        return error(404, "not_found", f"no such endpoint: {path}")
+
+    def _choose(self, params: dict[str, str]) -> FakeProfile | Canned:
+        if "profile" in params:
+            found = self.profiles.get(params["profile"])
+            return found or error(404, "not_found", f"no profile named {params['profile']}")
+        if "url" in params:
+            host = urllib.parse.urlsplit(params["url"]).hostname or ""
+            matches = [
+                p
+                for p in self.profiles.values()
+                if any(fnmatch.fnmatchcase(host, h) for h in p.hosts)
+            ]
+        else:
+            matches = list(self.profiles.values())
+        if not matches:
+            return error(404, "not_found", "no profile matches host")
+        if len(matches) > 1:
+            names = ", ".join(p.name for p in matches)
+            return error(409, "ambiguous", f"several profiles match: {names}")
+        return matches[0]
+
+    def _token(self, request: Recorded, params: dict[str, str]) -> Canned:
+        profile = self._choose(params)
+        if isinstance(profile, Canned):
+            return profile
+        if request.header("accept") == "text/plain":
+            return Canned(200, profile.token.encode(), "text/plain; charset=utf-8")
+        return json_answer(
+            200,
+            {
+                "access_token": profile.token,
+                "token_type": "Bearer",
+                "expires_at": profile.expires_at,
+                "expires_in": 86_000,
+                "profile": profile.name,
+                "client_id": profile.client_id,
+                "org_id": profile.org_id,
+                "account": profile.account,
+            },
+        )
+
+    def _refresh(self, name: str, body: bytes) -> Canned:
+        profile = self.profiles.get(name)
+        if profile is None:
+            return error(404, "not_found", f"no profile named {name}")
+        refresh = True
+        if body:
+            held = json.loads(body)["if_current"]
+            now = self.clock()
+            current = hashlib.sha256(profile.token.encode()).hexdigest()
+            recent = (
+                profile.forced_at is not None and now - profile.forced_at < self.FORCED_INTERVAL
+            )
+            refresh = held == current and not recent
+            if refresh:
+                profile.forced_at = now
+        if refresh:
+            profile.refreshes += 1
+            profile.token = f"{profile.token.split('~')[0]}~{profile.refreshes}"
+        return json_answer(200, {"name": profile.name, "state": "valid", "refreshed": refresh})
 
 
 @contextlib.contextmanager

@@ -171,12 +171,7 @@ def test_version(run):
     assert run("--version") == (0, f"aem-token {__version__}\n", "")
 
 
-@pytest.mark.parametrize("action", ["get", "store", "erase"])
-def test_git_mode_is_not_available_yet(run, action):
-    # A placeholder until git mode is implemented: it must not pretend to work.
-    code, _, err = run(action)
-    assert code == 64
-    assert "not available yet" in err
+# git mode (`aem-token get|store|erase`) is tested in tests/test_git.py.
 
 
 # --- formats -----------------------------------------------------------------------------------
@@ -495,12 +490,13 @@ sys.exit(code)
 """
 
 
-def loaded_modules(tmp_path, *args):
+def loaded_modules(tmp_path, *args, stdin=b""):
     """Runs aem-token in a fresh interpreter; returns its result and the modules it loaded."""
     listing = tmp_path / "modules.txt"
     result = subprocess.run(
         [sys.executable, "-I", "-c", IMPORT_PROBE, str(listing), *args],
         env=clean_env(),
+        input=stdin,
         capture_output=True,
         check=False,
         timeout=20,
@@ -572,3 +568,32 @@ def test_unusual_answers_fall_back_to_json_and_nothing_heavier(agent, tmp_path):
     assert result.stderr.decode() == 'aem-token: several profiles match: "a", "b"\u00e9\n'
     assert "json" in new
     assert not new & FORBIDDEN, f"forbidden imports: {sorted(new & FORBIDDEN)}"
+
+
+@pytest.mark.parametrize(
+    ("host", "stdout"),
+    [
+        ("author-p1-e2.adobeaemcloud.com", f"username=tech@techacct.adobe.com\npassword={TOKEN}\n"),
+        ("github.com", ""),  # not ours: no answer, and no heavier imports either
+    ],
+)
+def test_git_get_is_as_light(agent, tmp_path, host, stdout):
+    from fakeagent import FakeProfile, FakeProfiles
+
+    agent.answer = FakeProfiles(
+        FakeProfile(
+            "p1-e2",
+            hosts=("*.adobeaemcloud.com",),
+            token=TOKEN,
+            account="tech@techacct.adobe.com",
+            client_id="cm-p1-e2",
+            org_id="A@AdobeOrg",
+        )
+    )
+    stdin = f"protocol=https\nhost={host}\n\n".encode()
+    result, new = loaded_modules(tmp_path, "--socket", agent.path, "get", stdin=stdin)
+    assert (result.returncode, result.stderr) == (0, b"")
+    if stdout:
+        stdout += "password_expiry_utc=1900000000\n"
+    assert result.stdout.decode() == stdout
+    assert_light(new)
