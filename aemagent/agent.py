@@ -21,15 +21,12 @@ waiting requests and the timer sleep on.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import hmac
 import itertools
 import logging
 import math
 import random
-import re
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -56,10 +53,19 @@ from aemagent.policy import (
     fetched_token_times,
     fixed_token_times,
 )
+from aemagent.profile import (
+    Flight,
+    Profile,
+    Served,
+    Unloaded,
+    account_of,
+    check_profile_name,
+    identity_text,
+    same_identity,
+)
 
 log = logging.getLogger("aemagent.agent")
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 # Concurrent IMS calls across all profiles (LESSONS.md 9: no refresh storms).
 DEFAULT_IMS_CONCURRENCY = 4
 # A development token counts as expired this long before the expiry IMS stamped into it.
@@ -72,99 +78,6 @@ class TokenSource(Protocol):
     async def fetch(self, credential: Credential) -> Grant: ...
 
     async def revoke(self, credential: Credential, token: Secret) -> str: ...
-
-
-def check_profile_name(name: str) -> str:
-    if not _NAME_RE.fullmatch(name):
-        shown = name if len(name) <= 40 else name[:40] + "…"
-        raise UsageError(
-            f"invalid profile name {shown!r}: use letters, digits, '.', '_', '@' or '-',"
-            " at most 64 characters"
-        )
-    return name
-
-
-@dataclass(frozen=True, eq=False)
-class Unloaded:
-    """Stands in for the credential of a config-file profile that could not be read (yet)."""
-
-    error: str
-    kind = "unloaded"
-    refreshable = False
-    client_id = None
-    org_id = None
-    digest = ""
-    certificate_expires_at = None
-
-    def derived_hosts(self) -> tuple[str, ...]:
-        return ()
-
-    def __str__(self) -> str:
-        return f"unloaded credential ({self.error})"
-
-
-@dataclass(eq=False)
-class Flight:
-    """One IMS call in progress for one profile."""
-
-    done: trio.Event = field(default_factory=trio.Event)
-    error: AemAgentError | None = None
-
-
-@dataclass(frozen=True)
-class Served:
-    """A token handed to a caller."""
-
-    profile: Profile
-    token: Secret
-    expires_at: float  # wall clock, unix seconds
-    expires_in: float
-
-
-@dataclass(eq=False)
-class Profile:
-    name: str
-    credential: Credential | Unloaded
-    generation: int
-    schedule: Schedule
-    hosts: tuple[str, ...] = ()
-    default: bool = False
-    source: str = "added"
-    forget_at: float | None = None  # boot clock; `add --lifetime`
-    token: Secret | None = None
-    fetches: int = 0
-    last_error: AemAgentError | None = None
-    flight: Flight | None = None
-    changed: trio.Event = field(default_factory=trio.Event)
-    published: trio.Event = field(default_factory=trio.Event)
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    nursery: trio.Nursery | None = None
-
-    def notify(self) -> None:
-        event, self.changed = self.changed, trio.Event()
-        event.set()
-
-    def state(self, now: Now) -> str:
-        times = self.schedule.token
-        if isinstance(self.credential, Unloaded):
-            return "unloaded"
-        if self.flight is not None:
-            return "refreshing"
-        if self.schedule.blocked:
-            return "failed"
-        if self.schedule.retry_at is not None:
-            return "retrying"
-        if times is None:
-            return "pending"
-        return "valid" if times.remaining(now) > 0 else "expired"
-
-    @property
-    def derived_hosts(self) -> tuple[str, ...]:
-        return tuple(h for h in self.credential.derived_hosts() if h not in self.hosts)
-
-    def matches_host(self, host: str, *, derived: bool) -> bool:
-        patterns = self.derived_hosts if derived else self.hosts
-        return any(fnmatch.fnmatchcase(host, pattern) for pattern in patterns)
 
 
 class Agent:
@@ -245,10 +158,10 @@ class Agent:
         if lifetime is not None and lifetime <= 0:
             raise UsageError("lifetime must be positive")
         old = self._profiles.get(name)
-        if old is not None and not explicit and not _same_identity(old.credential, credential):
+        if old is not None and not explicit and not same_identity(old.credential, credential):
             raise AmbiguousError(
                 f"a profile named {name} already holds another credential"
-                f" ({_identity_text(old.credential)}); add this one with --name NAME"
+                f" ({identity_text(old.credential)}); add this one with --name NAME"
             )
         now = self.now()
         forget_at = now.boot + lifetime if lifetime is not None else None
@@ -636,7 +549,7 @@ class Agent:
             "state": profile.state(now),
             "default": profile.default,
             "hosts": list(profile.hosts + profile.derived_hosts),
-            "account": _account(credential),
+            "account": account_of(credential),
             "source": profile.source,
             "client_id": credential.client_id,
             "org_id": credential.org_id,
@@ -670,21 +583,3 @@ def _sha256(text: str) -> str:
 
 def _unix(value: float | None) -> int | None:
     return None if value is None else math.floor(value)
-
-
-def _same_identity(a: Credential | Unloaded, b: Credential) -> bool:
-    return (a.kind, a.client_id, a.org_id, _account(a)) == (
-        b.kind,
-        b.client_id,
-        b.org_id,
-        _account(b),
-    )
-
-
-def _account(credential: Credential | Unloaded) -> str | None:
-    return getattr(credential, "technical_account_id", None)
-
-
-def _identity_text(credential: Credential | Unloaded) -> str:
-    account = _account(credential)
-    return f"client id {credential.client_id}" + (f", account {account}" if account else "")

@@ -15,10 +15,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from aemagent import __version__
-from aemagent.agent import Agent, Served
+from aemagent.agent import Agent
 from aemagent.credentials import parse_credential
 from aemagent.errors import AemAgentError, UsageError
 from aemagent.httpserver import Request, Response
+from aemagent.profile import Served
 
 if TYPE_CHECKING:
     from aemagent.sources import ConfigProfiles

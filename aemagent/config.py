@@ -167,8 +167,8 @@ def _typed(value: Any, kind: type, path: str, where: str) -> Any:
 
 
 def _profile(name: str, table: Any, path: str) -> ProfileSource:
-    from aemagent.agent import check_profile_name
     from aemagent.errors import UsageError
+    from aemagent.profile import check_profile_name
 
     where = f"profiles.{name}"
     try:

@@ -17,10 +17,11 @@ import subprocess
 
 import trio
 
-from aemagent.agent import Agent, Unloaded
+from aemagent.agent import Agent
 from aemagent.config import MAX_SOURCE_BYTES, Config, ProfileSource, load_config
 from aemagent.credentials import parse_credential
 from aemagent.errors import AemAgentError, ConfigError, UnavailableError
+from aemagent.profile import Unloaded
 
 log = logging.getLogger("aemagent.config")
 
