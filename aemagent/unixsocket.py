@@ -68,11 +68,15 @@ def ensure_private_dir(directory: str) -> None:
     mode = stat.S_IMODE(st.st_mode)
     if stat.S_ISLNK(st.st_mode):
         raise SocketDirError(
-            f"socket directory {directory} is a symbolic link; remove it or choose another"
+            f"socket directory {directory} is a symbolic link (owner {_owner_name(st.st_uid)},"
+            f" mode {mode:04o}), not a directory of its own; remove it or choose another"
             " --socket path"
         )
     if not stat.S_ISDIR(st.st_mode):
-        raise SocketDirError(f"socket directory {directory} is not a directory")
+        raise SocketDirError(
+            f"socket directory {directory} is not a directory (owner {_owner_name(st.st_uid)},"
+            f" mode {mode:04o}); remove it or choose another --socket path"
+        )
     if st.st_uid != me:
         raise SocketDirError(
             f"socket directory {directory} belongs to {_owner_name(st.st_uid)}, not to"
@@ -145,10 +149,15 @@ def identity(path: str) -> tuple[int, int] | None:
 
 async def bind_socket(path: str) -> tuple[trio.socket.SocketType, tuple[int, int]]:
     """Bind, listen, then rename into place; returns the socket and the file's identity."""
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+    directory = os.path.dirname(path) or "."
+    temporary = os.path.join(directory, f".{os.getpid()}~")
+    # The temporary name must fit too: with a short socket name it is the longer of the two.
+    sizes = len(os.fsencode(path)), len(os.fsencode(temporary))
+    if max(sizes) > MAX_SOCKET_PATH:
         raise SocketDirError(
-            f"socket path {path} is {len(os.fsencode(path))} bytes; the limit is"
-            f" {MAX_SOCKET_PATH}: choose a shorter --socket path"
+            f"socket path {path} is too long: {sizes[0]} bytes, and {sizes[1]} for the"
+            f" temporary name the agent binds beside it; the limit is {MAX_SOCKET_PATH}:"
+            " choose a shorter --socket path"
         )
     with contextlib.suppress(FileNotFoundError):
         st = os.lstat(path)
@@ -156,8 +165,6 @@ async def bind_socket(path: str) -> tuple[trio.socket.SocketType, tuple[int, int
             raise SocketDirError(f"{path} exists and is not a socket; remove it or choose another")
     import trio  # here, so `aemagent start` can check directories without importing trio
 
-    directory = os.path.dirname(path) or "."
-    temporary = os.path.join(directory, f".{os.getpid()}~")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

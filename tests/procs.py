@@ -9,6 +9,7 @@ in time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,125 @@ def agent(directory: Path, *args: str, env: dict[str, str] | None = None) -> Ite
     finally:
         _stop(proc)
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+# ---- daemons with options, other users, leftovers (used by tests/test_daemon.py)
+
+
+@contextlib.contextmanager
+def serving(
+    sock: str,
+    log_path: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    user: UserPython | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[AgentProcess]:
+    """`aemagent serve` on `sock` (whose directory the caller chooses), optionally as another
+    user (`python_as`) or with a `preexec_fn` (umask, rlimits); waits until it answers."""
+    env = base_env(sock, **(env or {}), **(user.env if user else {}))
+    argv = aemagent("serve", "--socket", sock, "--log-level", "debug", *args)
+    if user is not None:
+        argv = user.argv(*argv[1:])
+    with log_path.open("ab") as log:
+        # preexec_fn is unsafe only with threads; the tests start none.
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=env,
+            preexec_fn=preexec_fn,  # noqa: PLW1509
+        )
+    try:
+        wait_for_agent(sock, proc)
+        yield AgentProcess(proc, sock, log_path, env)
+    finally:
+        _stop(proc)
+
+
+@dataclass(frozen=True)
+class UserPython:
+    """How to run this package's Python code as another user: `setpriv … python` and env."""
+
+    drop: tuple[str, ...]  # setpriv --reuid=… --regid=… --clear-groups
+    python: str
+    env: dict[str, str]
+
+    def argv(self, *args: str) -> list[str]:
+        """`python *args` as the user (with `self.env` added to the environment)."""
+        return [*self.drop, self.python, *args]
+
+    def command(self, *argv: str) -> list[str]:
+        """Any other command as the user."""
+        return [*self.drop, *argv]
+
+
+@functools.cache
+def python_as(uid: int, gid: int) -> UserPython | None:
+    """A Python that `uid` can run with this package importable, or None (not root, no
+    setpriv, or the interpreter lives where `uid` cannot read, e.g. under a 0700 /root).
+
+    Tries this interpreter first, then the system's python of the same version with this
+    package's and its dependencies' directories on PYTHONPATH."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None or os.getuid() != 0:
+        return None
+    import trio
+
+    import aemagent as package
+
+    drop = (setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups")
+    roots = [str(Path(m.__file__ or "").resolve().parent.parent) for m in (package, trio)]
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    candidates: list[tuple[str, dict[str, str]]] = [(sys.executable, {})]
+    for directory in ("/usr/bin", "/usr/local/bin"):
+        system = f"{directory}/python{version}"
+        candidates.append((system, {"PYTHONPATH": os.pathsep.join(dict.fromkeys(roots))}))
+    for python, extra in candidates:
+        if not os.path.exists(python):
+            continue
+        probe = subprocess.run(
+            [*drop, python, "-c", "import aemagent.daemon"],
+            env=base_env(**extra),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=STEP_TIMEOUT,
+            check=False,
+        )
+        if probe.returncode == 0:
+            return UserPython(drop, python, extra)
+    return None
+
+
+def agent_pids(path: str) -> list[int]:
+    """Live (not zombie) `aemagent serve` processes whose --socket is `path` or lies under it."""
+    prefix = os.fsencode(path.rstrip("/") + "/")
+    wanted = os.fsencode(path)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state == b"Z" or b"serve" not in argv or b"--socket" not in argv:
+            continue
+        i = argv.index(b"--socket")
+        sock = argv[i + 1] if i + 1 < len(argv) else b""
+        if sock == wanted or sock.startswith(prefix):
+            found.append(int(entry))
+    return sorted(found)
+
+
+def kill_agents(path: str) -> list[int]:
+    """SIGKILL every daemon `agent_pids(path)` finds (leftovers of `aemagent start`)."""
+    pids = agent_pids(path)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
