@@ -172,7 +172,7 @@ def _demo_steps(env: dict[str, str], service: str, base: str) -> None:
         raise DemoError(f"aem-token failed: {token.stderr.decode().strip()}")
     if curl:
         done = subprocess.run(
-            [curl, "-sS", "--noproxy", "*", "-w", "\nHTTP %{http_code}\n", "-H", "@-", url],
+            [curl, "-sS", "--noproxy", "*", "-w", "HTTP %{http_code}\n", "-H", "@-", url],
             input=token.stdout,
             capture_output=True,
             timeout=_STEP_TIMEOUT,

@@ -109,7 +109,7 @@ _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 _AEM_HOST_SUFFIX = ".adobeaemcloud.com"
 # What `--format json` prints, in this order; the last two only when the agent sent them.
 _JSON_FIELDS = ("access_token", "token_type", "expires_at", "expires_in", "profile")
-_JSON_OPTIONAL = ("client_id", "org_id")
+_JSON_OPTIONAL = ("client_id", "org_id", "account")
 
 
 class _UsageError(Exception):
@@ -493,7 +493,7 @@ def _format_json_answer(fmt: str, info: dict[str, object]) -> str:
     if fmt == "headers":
         names = {"client_id": "x-api-key", "org_id": "x-gw-ims-org-id"}
         lines = [f"Authorization: Bearer {token}"]
-        lines += [f"{names[key]}: {_one_line(str(value))}" for key, value in extra]
+        lines += [f"{names[k]}: {_one_line(str(value))}" for k, value in extra if k in names]
         return "\n".join(lines) + "\n"
     out: dict[str, object] = {}
     for key in _JSON_FIELDS:

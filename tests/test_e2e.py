@@ -128,6 +128,8 @@ def test_output_formats(agent, ims):
     assert info["access_token"] == token
     assert info["token_type"] == "Bearer"
     assert info["profile"] == NAME
+    service = json.loads(Path(ims.credentials["service"]).read_text())["integration"]
+    assert info["account"] == service["id"]  # the technical account, as git's username
     assert abs(info["expires_at"] - (time.time() + info["expires_in"])) <= 2
     done = shell(agent, 'eval "$(aem-token --format env)"; printf %s "$AEM_ACCESS_TOKEN"')
     assert done.stdout == token
