@@ -238,3 +238,77 @@ def test_sighup_with_a_broken_config_keeps_everything(tmp_path, ims):
             time.sleep(0.1)
         assert "keeping the profiles as they are" in agent.log()
         assert agent.token("--profile", "one").returncode == 0
+
+
+GIT = shutil.which("git")
+
+
+@pytest.mark.skipif(CURL is None or GIT is None, reason="needs curl and git")
+@pytest.mark.parametrize("kind", ["service", "oauth", "devtoken"])
+def test_each_kind_through_every_caller(agent, ims, tmp_path, kind):
+    """CLI, aem-token, git, curl --unix-socket and Python all get the same working token."""
+    host = f"{kind}.aem.example"
+    done = agent.cli("add", ims.credentials[kind], "--name", kind, "--host", host)
+    assert done.returncode == 0, done.stderr
+    token = agent.token("--url", f"https://{host}/content").stdout.strip()
+    assert aem_status(ims, token) == 200
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(
+        agent.env,
+        HOME=str(home),
+        GIT_CONFIG_GLOBAL=str(home / ".gitconfig"),
+        GIT_CONFIG_NOSYSTEM="1",
+        GIT_TERMINAL_PROMPT="0",
+        PATH=os.path.dirname(procs.sys.executable) + os.pathsep + os.environ["PATH"],
+    )
+    subprocess.run(
+        [GIT, "config", "--global", "credential.helper", "aemagent"],
+        env=env,
+        check=True,
+        timeout=30,
+    )
+    filled = subprocess.run(
+        [GIT, "credential", "fill"],
+        input=f"protocol=https\nhost={host}\n\n",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    answer = dict(line.split("=", 1) for line in filled.stdout.splitlines())
+    assert answer["password"] == token
+    if kind == "devtoken":
+        assert answer["username"] == "aem"
+
+    via_socket = subprocess.run(
+        [
+            CURL,
+            "-sS",
+            "--unix-socket",
+            agent.sock,
+            "-H",
+            "Accept: text/plain",
+            f"http://aemagent/v1/token?profile={kind}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert via_socket.stdout == token
+
+    python = procs.run(
+        [
+            procs.sys.executable,
+            "-c",
+            (
+                "from aemagent.client import get_token; import sys; "
+                f"t = get_token(url='https://{host}/x'); sys.stdout.write(t.access_token)"
+            ),
+        ],
+        agent.env,
+    )
+    assert python.stdout == token, python.stderr
