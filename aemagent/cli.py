@@ -91,14 +91,22 @@ def cmd_start(args: argparse.Namespace) -> int:
     pid = agent_pid(path)
     if pid is None:
         try:
-            pid = spawn_daemon(
+            launched = spawn_daemon(
                 path, log_level=args.log_level, config=args.config, timeout=_START_TIMEOUT
             )
         except LaunchError as exc:
             raise CLIError(str(exc)) from None
         except AemAgentError as exc:
             raise CLIError(str(exc)) from None
-        print(f"aemagent: started the agent (pid {pid}) on {path}", file=sys.stderr)
+        pid = launched.pid
+        if launched.spawned:
+            print(f"aemagent: started the agent (pid {pid}) on {path}", file=sys.stderr)
+        else:  # a racing `start` won the lock; ours stepped aside
+            print(
+                f"aemagent: the agent (pid {pid}) on {path} was started meanwhile by another"
+                " process; using it",
+                file=sys.stderr,
+            )
     sys.stdout.write(shell_lines(args.syntax, path, pid))
     return EXIT_OK
 
@@ -149,6 +157,19 @@ def cmd_reload(args: argparse.Namespace) -> int:
         raise CLIError(f"no agent answers on {path}; start it with `aemagent start`", EXIT_NO_AGENT)
     os.kill(pid, signal.SIGHUP)
     print(f"asked the agent (pid {pid}) to reload its config file")
+    return EXIT_OK
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from aemagent import service
+
+    plan = service.plan_for(args.manager or service.default_manager())
+    act = service.install if args.action == "install" else service.uninstall
+    try:
+        lines = act(plan, force=args.force)
+    except AemAgentError as exc:
+        raise CLIError(str(exc)) from None
+    print("\n".join(lines))
     return EXIT_OK
 
 
@@ -467,6 +488,23 @@ def build_parser() -> argparse.ArgumentParser:
         "reload", parents=[socket_opt], help="re-read the config file (sends the agent SIGHUP)"
     )
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser(
+        "service",
+        help="install or remove the systemd user units (Linux) or the launchd agent (macOS)",
+    )
+    p.add_argument("action", choices=("install", "uninstall"))
+    managers = p.add_mutually_exclusive_group()
+    managers.add_argument(
+        "--systemd", dest="manager", action="store_const", const="systemd", help="systemd units"
+    )
+    managers.add_argument(
+        "--launchd", dest="manager", action="store_const", const="launchd", help="launchd plist"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="overwrite or remove files that differ from ours"
+    )
+    p.set_defaults(func=cmd_service, manager=None)
 
     p = sub.add_parser("add", parents=[socket_opt], help="load a credential into the agent")
     p.add_argument(

@@ -2,17 +2,22 @@
 
 Theory of operation
 -------------------
-`serve_agent` takes the lifetime lock, binds the socket (unixsocket.py), starts the `Agent`, and
-reports ready only once the socket accepts. Under one nursery then run:
+`serve_agent` first installs its signal receiver (so a SIGTERM that arrives once the socket
+exists still stops the daemon cleanly), takes the lifetime lock, binds the socket (unixsocket.py)
+or takes the one systemd passed (socket activation), starts the `Agent`, and reports ready only
+once the socket accepts. Under one nursery then run:
 
 * the accept loop, which holds a slot of the connection cap before each `accept` (excess clients
   wait in the kernel's backlog) and checks the peer's uid before reading a byte;
 * the signal watcher (SIGTERM/SIGINT stop, SIGHUP reloads);
-* the socket watcher: if our socket file is removed or replaced, another daemon owns the path
-  now, and we exit 0 so a service manager does not fight it (gpg-agent does the same).
+* the socket watcher: if the socket file is removed or replaced, another daemon (or a restarted
+  systemd socket unit) owns the path now, and we exit 0 so a service manager does not fight it
+  (gpg-agent does the same);
+* under systemd (`$NOTIFY_SOCKET`), the status reporter: `STATUS=` with the profile count.
 
-Stopping: stop accepting, remove the socket (if it is still ours), give connections in flight a
-short grace period, cancel the rest. Nothing is written to disk but the socket and its lock.
+Stopping: `STOPPING=1`, stop accepting, remove the socket (if it is still ours and we bound it:
+an activated socket belongs to systemd), give connections in flight a short grace period, cancel
+the rest. Nothing is written to disk but the socket and its lock.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, MutableMapping
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -36,7 +43,7 @@ from aemagent.api import AgentAPI
 from aemagent.clocks import Clock, SystemClock
 from aemagent.config import Config
 from aemagent.errors import AemAgentError
-from aemagent.httpserver import Limits, serve_http
+from aemagent.httpserver import Limits, Request, Response, serve_http
 from aemagent.ims import IMSClient
 from aemagent.sources import ConfigProfiles
 from aemagent.unixsocket import (
@@ -45,6 +52,7 @@ from aemagent.unixsocket import (
     bind_socket,
     ensure_private_dir,
     identity,
+    inherited_socket,
     peer_uid,
 )
 
@@ -52,6 +60,8 @@ log = logging.getLogger("aemagent.daemon")
 
 # accept() errors that mean "out of resources for now", not "broken": wait and retry.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# Under systemd, STATUS= is re-checked at least this often (a token expiring changes it).
+_STATUS_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -64,23 +74,75 @@ class DaemonSettings:
     # How often the daemon checks that its socket file is still its own.
     watch_interval: float = 5.0
     limits: Limits = field(default_factory=Limits)
+    # Socket activation: the listening socket systemd bound at `socket_path` (never unlinked).
+    listener: socket.socket | None = None
+    # sd_notify(3): where READY=1, STATUS= and STOPPING=1 go ($NOTIFY_SOCKET), if anywhere.
+    notify_socket: str | None = None
 
     def __post_init__(self) -> None:
         # Absolute once, here: the daemon compares and removes this path at exit.
         object.__setattr__(self, "socket_path", os.path.abspath(self.socket_path))
 
+    def from_service_manager(
+        self, environ: MutableMapping[str, str] | None = None
+    ) -> DaemonSettings:
+        """These settings plus what systemd passed in the environment (removed from it, so that
+        children do not inherit it): an activated socket, whose path wins, and $NOTIFY_SOCKET."""
+        env = os.environ if environ is None else environ
+        notify = env.pop("NOTIFY_SOCKET", None) or None
+        listener = inherited_socket(env)
+        if listener is None:
+            return replace(self, notify_socket=notify)
+        path = listener.getsockname()
+        if path != self.socket_path:
+            log.info("socket activation: serving on %s (not %s)", path, self.socket_path)
+        return replace(self, socket_path=path, listener=listener, notify_socket=notify)
+
+
+class Notifier:
+    """sd_notify(3) without libsystemd: one datagram per message; nothing without an address."""
+
+    def __init__(self, address: str | None) -> None:
+        self.address = address
+
+    def __bool__(self) -> bool:
+        return self.address is not None
+
+    def send(self, message: str) -> None:
+        if self.address is None:
+            return
+        address = self.address
+        if address.startswith("@"):  # an abstract socket
+            address = "\0" + address[1:]
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                # A manager that does not read its queue must not stall the daemon.
+                s.setblocking(False)
+                s.connect(address)
+                s.sendall(message.encode())
+        except OSError as exc:
+            log.warning("cannot notify the service manager: %s", exc.strerror or exc)
+
 
 class _Server:
-    def __init__(self, settings: DaemonSettings, agent: Agent, profiles: ConfigProfiles) -> None:
+    def __init__(
+        self,
+        settings: DaemonSettings,
+        agent: Agent,
+        profiles: ConfigProfiles,
+        notifier: Notifier,
+    ) -> None:
         self.settings = settings
         self.agent = agent
         self.profiles = profiles
+        self.notifier = notifier
         self.api = AgentAPI(agent, shutdown=self.request_stop, config_profiles=profiles)
         self.stop_requested = trio.Event()
         self.displaced = False
         self._slots = trio.Semaphore(settings.max_connections)
         self.accepting = trio.CancelScope()
         self._uid = os.getuid()
+        self._status_due = trio.Event()
 
     def request_stop(self) -> None:
         self.stop_requested.set()
@@ -114,20 +176,60 @@ class _Server:
                 # Closed without reading a byte: another user gets nothing to talk to.
                 log.warning("refused a connection from uid %s", uid)
                 return
-            await serve_http(stream, self.api, self.settings.limits)
+            await serve_http(stream, self._handle, self.settings.limits)
         finally:
             await trio.aclose_forcefully(stream)
             self._slots.release()
 
-    async def watch_signals(self, nursery: trio.Nursery) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    log.info("SIGHUP: reloading %s", self.profiles.config.path)
-                    nursery.start_soon(self.profiles.reload)
-                    continue
-                log.info("%s: stopping", signal.Signals(signum).name)
-                self.request_stop()
+    async def _handle(self, request: Request) -> Response:
+        try:
+            return await self.api(request)
+        finally:
+            self._status_due.set()  # cheap: the reporter sends only what changed
+
+    async def watch_signals(self, signals: AsyncIterator[int], nursery: trio.Nursery) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: reloading %s", self.profiles.config.path)
+                nursery.start_soon(self._reload)
+                continue
+            log.info("%s: stopping", signal.Signals(signum).name)
+            self.request_stop()
+
+    async def _reload(self) -> None:
+        await self.profiles.reload()
+        self._status_due.set()
+
+    async def load_profiles(self) -> None:
+        await self.profiles.load()
+        self._status_due.set()
+
+    def status(self) -> str:
+        """One line for `systemctl status`: how many profiles, in which states."""
+        now = self.agent.now()
+        states: dict[str, int] = {}
+        for profile in self.agent.profiles():
+            state = profile.state(now)
+            states[state] = states.get(state, 0) + 1
+        total = sum(states.values())
+        if not total:
+            return "no profiles; add one with `aemagent add FILE`"
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+        return f"{total} profile{'' if total == 1 else 's'}: {counts}"
+
+    async def report_status(self) -> None:
+        """Send STATUS= whenever it changes: checked after every request, load and reload, and
+        whenever a profile changes state (its `changed` event: a fetch ended, a timer fired)."""
+        sent = None
+        while True:
+            line = self.status()
+            if line != sent:
+                self.notifier.send(f"STATUS={line}")
+                sent = line
+            events = [self._status_due, *(p.changed for p in self.agent.profiles())]
+            await _first_of(events, _STATUS_INTERVAL)
+            if self._status_due.is_set():
+                self._status_due = trio.Event()
 
     async def watch_socket(self, path: str, ours: tuple[int, int]) -> None:
         while True:
@@ -149,7 +251,22 @@ async def serve_agent(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the agent on `settings.socket_path` until stopped; reports the path when ready."""
+    # Before the socket can appear: from then on a SIGTERM must mean a clean stop (socket
+    # removed), not the default action's death with a stale socket left behind.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        await _serve(settings, signals, clock, ims, task_status)
+
+
+async def _serve(
+    settings: DaemonSettings,
+    signals: AsyncIterator[int],
+    clock: Clock | None,
+    ims: IMSClient | None,
+    task_status: trio.TaskStatus[str],
+) -> None:
     path = settings.socket_path
+    activated = settings.listener is not None
+    notifier = Notifier(settings.notify_socket)
     ensure_private_dir(os.path.dirname(path))
     lock = LifetimeLock(path)
     clock = clock or SystemClock()
@@ -162,48 +279,79 @@ async def serve_agent(
         ca_file=config.ca_file,
     )
     try:
-        sock, ours = await bind_socket(path)
+        if settings.listener is not None:
+            sock = trio.socket.from_stdlib_socket(settings.listener)
+            # systemd's socket file: its identity now is what the watcher keeps checking.
+            ours = identity(path)
+        else:
+            sock, ours = await bind_socket(path)
         agent = Agent(
             ims, clock=clock, settings=config.policy, ims_concurrency=config.ims_concurrency
         )
         profiles = ConfigProfiles(agent, config)
-        server = _Server(settings, agent, profiles)
+        server = _Server(settings, agent, profiles, notifier)
+
+        def remove_socket() -> None:
+            # Only a socket we bound, and only while the file is still that socket.
+            if not activated and not server.displaced and identity(path) == ours:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.watch_signals, signals, nursery)
                 await nursery.start(agent.run)
                 profiles.reserve()  # config profiles exist (as "loading") before we serve
-                nursery.start_soon(profiles.load)
+                nursery.start_soon(server.load_profiles)
                 closing, drained = trio.Event(), trio.Event()
                 connections = await nursery.start(_serve_connections, closing, drained)
                 nursery.start_soon(server.accept_loop, sock, connections)
-                nursery.start_soon(server.watch_signals, nursery)
-                nursery.start_soon(server.watch_socket, path, ours)
-                log.info("aemagent %s serving on %s (pid %d)", __version__, path, os.getpid())
-                notify_systemd("READY=1")
+                if ours is None:
+                    log.warning("socket %s does not exist (any more); exiting", path)
+                    server.displaced = True
+                    server.request_stop()
+                else:
+                    nursery.start_soon(server.watch_socket, path, ours)
+                how = " (socket activation)" if activated else ""
+                log.info(
+                    "aemagent %s serving on %s%s (pid %d)", __version__, path, how, os.getpid()
+                )
+                notifier.send("READY=1")
+                if notifier:
+                    nursery.start_soon(server.report_status)
                 task_status.started(path)
                 await server.stop_requested.wait()
-                notify_systemd("STOPPING=1")
+                notifier.send("STOPPING=1")
                 server.accepting.cancel()  # no new connections
                 await trio.lowlevel.checkpoint()
                 sock.close()
-                if not server.displaced and identity(path) == ours:
-                    with contextlib.suppress(OSError):
-                        os.unlink(path)
+                remove_socket()
                 connections.cancel_scope.deadline = trio.current_time() + settings.shutdown_grace
                 closing.set()
                 await drained.wait()
                 nursery.cancel_scope.cancel()
         finally:
             sock.close()
-            if not server.displaced and identity(path) == ours:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+            remove_socket()
             log.info("stopped")
     finally:
         if own_ims:
             with trio.CancelScope(shield=True):
                 await ims.aclose()
         lock.release()
+
+
+async def _first_of(events: list[trio.Event], seconds: float) -> None:
+    """Return once any of `events` is set, or after `seconds`."""
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as nursery:
+
+            async def wait(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            for event in events:
+                nursery.start_soon(wait, event)
 
 
 async def _serve_connections(
@@ -220,23 +368,6 @@ async def _serve_connections(
         # Leaving the block waited for the handlers (until the grace deadline).
     finally:
         drained.set()
-
-
-def notify_systemd(message: str) -> None:
-    """Send one sd_notify datagram if systemd asked for it ($NOTIFY_SOCKET); else nothing."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    import socket
-
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(address)
-            s.sendall(message.encode())
-    except OSError as exc:
-        log.warning("cannot notify systemd: %s", exc.strerror)
 
 
 def harden_process() -> None:
@@ -260,13 +391,19 @@ def harden_process() -> None:
 
 def run(settings: DaemonSettings) -> int:
     """`aemagent serve`: run in the foreground; the exit code for the process."""
-    harden_process()
+    notifier = Notifier(os.environ.get("NOTIFY_SOCKET") or None)
     try:
+        settings = settings.from_service_manager()  # first: no child may see LISTEN_FDS
+        harden_process()
         trio.run(serve_agent, settings)
     except AlreadyRunning as exc:
         log.info("%s; not starting another", exc)
+        # For systemd, "started" and then a clean exit: a failure would be restarted, and the
+        # restarted one would find the same agent.
+        notifier.send(f"READY=1\nSTATUS={exc}; not starting another")
         return 0
     except AemAgentError as exc:
         log.error("%s", exc)
+        notifier.send(f"STATUS={exc}")
         return 1
     return 0

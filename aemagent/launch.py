@@ -2,7 +2,8 @@
 
 The child is spawned with `setsid` and its stdio on /dev/null and a 0600 log file, so nothing
 ties it to the terminal and `eval "$(aemagent start)"` returns as soon as we do. We return once
-its socket serves (or a racing `start` won the lifetime lock and its daemon serves).
+its socket serves (or a racing `start` won the lifetime lock and its daemon serves), and say
+which of the two happened.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 from aemagent.wire import AgentUnreachable, WireError, request
 
@@ -21,6 +23,12 @@ _MAX_LOG_BYTES = 5 * 1024 * 1024
 
 class LaunchError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Launched:
+    pid: int  # the agent that serves the path now
+    spawned: bool  # whether it is the daemon we spawned (not a racing `start`'s, not systemd's)
 
 
 def agent_pid(path: str) -> int | None:
@@ -68,13 +76,14 @@ def _last_line(path: str) -> str:
 
 def spawn_daemon(
     path: str, *, timeout: float, log_level: str | None = None, config: str | None = None
-) -> int:
-    """Start `aemagent serve` detached; return the PID of the agent that then serves `path`."""
+) -> Launched:
+    """Start `aemagent serve` detached; return the agent that then serves `path`."""
     from aemagent.unixsocket import ensure_private_dir, lock_is_held
 
     ensure_private_dir(os.path.dirname(os.path.abspath(path)))  # a clear error here, not in a log
     log_path = log_file_path()
-    argv = [sys.executable, "-m", "aemagent", "serve", "--socket", path]
+    # -P: the daemon imports the aemagent we are, not an `aemagent/` in the current directory.
+    argv = [sys.executable, "-P", "-m", "aemagent", "serve", "--socket", path]
     if log_level:
         argv += ["--log-level", log_level]
     if config:
@@ -98,11 +107,12 @@ def spawn_daemon(
             os.close(log_fd)
 
     child: int | None = spawn()
+    spawned = {child}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pid = agent_pid(path)
         if pid is not None:
-            return pid
+            return Launched(pid, spawned=pid in spawned)
         if child is not None:
             done, status = os.waitpid(child, os.WNOHANG)
             if done:
@@ -118,6 +128,7 @@ def spawn_daemon(
                 # was removed, which exits within its watch interval without serving.
         elif not lock_is_held(path):
             child = spawn()  # the lock holder left without serving: try again
+            spawned.add(child)
         time.sleep(_POLL)
     raise LaunchError(f"the agent did not answer on {path} within {timeout:g} s (log: {log_path})")
 

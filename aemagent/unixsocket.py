@@ -6,7 +6,11 @@
   holds is stale and may be replaced; one whose lock is held belongs to a live daemon, however
   slow, and is never touched.
 * The socket is bound under a temporary name, listens, and only then is renamed into place, so
-  the path never names a socket that refuses connections.
+  the path never names a socket that refuses connections. An existing socket is replaced only
+  when connecting to it is refused (stale); one that accepts belongs to a listener that holds no
+  lock, such as a systemd socket unit, and is left alone.
+* Under socket activation (sd_listen_fds(3)) systemd binds the socket; `inherited_socket` takes
+  it from fd 3 and names its path, so that the lock and the displacement check still apply.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import socket
 import stat
 import struct
 import sys
+from collections.abc import MutableMapping
 from typing import TYPE_CHECKING
 
 from aemagent.errors import SocketDirError
@@ -33,13 +38,17 @@ MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 LISTEN_BACKLOG = 1024
 
 
-class AlreadyRunning(Exception):
-    """Another live daemon holds the lock for this socket path."""
+# sd_listen_fds(3): inherited sockets start at this descriptor.
+SD_LISTEN_FDS_START = 3
 
-    def __init__(self, path: str, pid: int | None) -> None:
+
+class AlreadyRunning(Exception):
+    """Another live daemon holds the lock for this socket path, or something else listens there."""
+
+    def __init__(self, path: str, pid: int | None, *, who: str | None = None) -> None:
         self.path, self.pid = path, pid
-        who = f"pid {pid}" if pid else "another process"
-        super().__init__(f"an agent ({who}) already serves {path}")
+        who = who or (f"an agent (pid {pid})" if pid else "an agent (another process)")
+        super().__init__(f"{who} already serves {path}")
 
 
 def _owner_name(uid: int) -> str:
@@ -163,6 +172,12 @@ async def bind_socket(path: str) -> tuple[trio.socket.SocketType, tuple[int, int
         st = os.lstat(path)
         if not stat.S_ISSOCK(st.st_mode):
             raise SocketDirError(f"{path} exists and is not a socket; remove it or choose another")
+        if _accepts(path):
+            # We hold the lock, so no aemagent daemon serves this socket; a systemd socket unit
+            # (whose service this connection may just have started) or an agent too old to lock.
+            raise AlreadyRunning(
+                path, None, who="a listener that holds no lock (systemd's socket?)"
+            )
     import trio  # here, so `aemagent start` can check directories without importing trio
 
     with contextlib.suppress(FileNotFoundError):
@@ -185,6 +200,78 @@ async def bind_socket(path: str) -> tuple[trio.socket.SocketType, tuple[int, int
     ident = identity(path)
     assert ident is not None
     return sock, ident
+
+
+def _accepts(path: str) -> bool:
+    """Whether something listens on the socket at `path` (stale sockets refuse connections)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except BlockingIOError:  # a full backlog: very much alive
+            return True
+        except OSError as exc:
+            raise SocketDirError(
+                f"cannot tell whether something listens on {path} ({exc.strerror}); remove it"
+                " or choose another --socket path"
+            ) from None
+    return True
+
+
+def inherited_socket(environ: MutableMapping[str, str] | None = None) -> socket.socket | None:
+    """The listening socket a service manager passed us (sd_listen_fds(3)), or None.
+
+    Takes fd 3 when `LISTEN_PID` is our PID and `LISTEN_FDS` is 1, checks that it is a listening
+    AF_UNIX stream socket bound to an absolute path, and marks it close-on-exec. The variables are
+    removed either way, so children (a profile's `command`) never see them.
+    """
+    env = os.environ if environ is None else environ
+    pid, count = env.pop("LISTEN_PID", None), env.pop("LISTEN_FDS", None)
+    env.pop("LISTEN_FDNAMES", None)
+    if pid is None or count is None:
+        return None
+    if pid.strip() != str(os.getpid()):
+        return None  # meant for another process (the one that exec'd us, say)
+    if count.strip() != "1":
+        raise SocketDirError(
+            f"socket activation passed LISTEN_FDS={count} sockets; aemagent serves exactly one"
+            " (one ListenStream= in aemagent.socket)"
+        )
+    fd = SD_LISTEN_FDS_START
+    try:
+        sock = socket.socket(fileno=fd)  # Linux reads family and type from the descriptor
+    except OSError as exc:
+        raise SocketDirError(
+            f"socket activation: descriptor {fd} is not a socket ({exc.strerror})"
+        ) from None
+    sock.set_inheritable(False)
+    problem = _unusable(sock)
+    if problem:
+        sock.close()
+        raise SocketDirError(f"socket activation: descriptor {fd} is {problem}")
+    return sock
+
+
+def _unusable(sock: socket.socket) -> str:
+    """What makes an inherited socket unfit to serve on, or '' if nothing."""
+    if sock.family != socket.AF_UNIX:
+        family = getattr(sock.family, "name", sock.family)
+        return f"a {family} socket, not AF_UNIX (ListenStream= needs a path)"
+    if sock.type != socket.SOCK_STREAM:
+        kind = getattr(sock.type, "name", sock.type)
+        return f"a {kind} socket, not SOCK_STREAM (use ListenStream=)"
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        return "a socket that does not listen (aemagent.socket needs Accept=no)"
+    name = sock.getsockname()
+    if not isinstance(name, str) or not name.startswith("/"):
+        # The lock lives next to the socket file, and the displacement check watches it.
+        return (
+            f"bound to {name!r}, not to an absolute path in the file system; aemagent needs a"
+            " socket file"
+        )
+    return ""
 
 
 def peer_uid(sock: trio.socket.SocketType) -> int | None:

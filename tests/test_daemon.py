@@ -336,10 +336,12 @@ def test_start_detaches_eval_returns_and_a_second_start_reuses_it(base: Path) ->
 
 
 def test_concurrent_starts_yield_one_daemon(base: Path) -> None:
-    """Five `start`s racing on one fresh path: one daemon, and all five print its PID.
+    """Five `start`s racing on one fresh path: one daemon, and all five print its PID; only the
+    one whose daemon won says it started it, the others say truthfully who did.
 
     Broken: without the `flock` in LifetimeLock several daemons serve (different PIDs, more
-    than one "serving on" line; the extra ones would only go after the 5 s watch interval)."""
+    than one "serving on" line; the extra ones would only go after the 5 s watch interval);
+    `cmd_start` printing "started" for any PID that answers makes several racers claim it."""
     sock = str(base / "s" / "agent.sock")
     env = _env(base)
     racers = [
@@ -364,6 +366,11 @@ def test_concurrent_starts_yield_one_daemon(base: Path) -> None:
     pids = {_started_pid(stdout) for stdout, _ in outputs}
     assert len(pids) == 1, outputs
     (pid,) = pids
+    said = [stderr.strip() for _, stderr in outputs]
+    started = f"aemagent: started the agent (pid {pid}) on {sock}"
+    meanwhile = f"aemagent: the agent (pid {pid}) on {sock} was started meanwhile by another"
+    assert said.count(started) == 1, said
+    assert all(line in ("", started) or line.startswith(meanwhile) for line in said), said
     _wait_for(lambda: procs.agent_pids(sock) == [pid], 2, "the losing daemons to exit")
     assert _start_log(base).read_text().count(f"serving on {sock}") == 1
     _stop_started(sock, env, pid)
@@ -434,6 +441,37 @@ def test_sigterm_sigint_and_stop_exit_0_and_remove_the_socket(base: Path) -> Non
         for way, agent in agents.items():
             assert agent.proc.wait(timeout=10) == 0, (way, agent.log())
             assert not os.path.lexists(socks[way]), way
+
+
+def test_a_sigterm_the_moment_the_socket_appears_still_stops_cleanly(base: Path) -> None:
+    """SIGTERM sent as soon as the socket file exists (what a service manager stopping a
+    just-started agent does): exit 0 and the socket removed, every time.
+
+    Broken: installing the signal receiver in a task started after the bind (as it was) leaves
+    a window in which SIGTERM's default action kills the daemon: exit -15 and a stale socket,
+    in most of these tries."""
+    for attempt in range(4):
+        sock = str(base / f"s{attempt}" / "agent.sock")
+        with (base / "agent.log").open("ab") as log:
+            proc = subprocess.Popen(
+                procs.aemagent("serve", "--socket", sock),
+                env=procs.base_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        try:
+            deadline = time.monotonic() + 20
+            while not os.path.lexists(sock):  # no sleep: the window is a few milliseconds
+                assert proc.poll() is None, (base / "agent.log").read_text()
+                assert time.monotonic() < deadline, "the socket never appeared"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0, (attempt, (base / "agent.log").read_text())
+            assert not os.path.lexists(sock), attempt
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 # ---- 6. peer uid
