@@ -418,6 +418,11 @@ class Agent:
             raise UnavailableError(f"profile {profile.name}: IMS did not answer within {wait:g} s")
         if flight.error is not None:
             raise flight.error
+        if self._profiles.get(profile.name) is not profile:
+            # Its flight was cancelled or its result discarded: nothing was refreshed.
+            raise UnavailableError(
+                f"profile {profile.name} was forgotten or replaced while it was being refreshed"
+            )
 
     async def revoke(self, profile: Profile, token: Secret | None) -> str:
         """Best effort: ask IMS to invalidate a forgotten profile's token; says what happened."""

@@ -13,7 +13,8 @@ for clock-skew tests). Test hooks, loopback only like everything else:
 
     POST /_emulator/faults     {"endpoint": "jwt"|"token"|"invalidate"|"aem"|"any", "count": N,
                                 "status", "body", "error", "error_description", "retry_after",
-                                "delay", "drop", "malformed"}: the next N requests fail that way
+                                "location", "delay", "drop", "malformed"}: the next N requests
+                                fail that way
     DELETE /_emulator/faults   forget pending faults
     GET /_emulator/requests    the requests seen (field names and JWT claims, never a secret)
     DELETE /_emulator/requests forget them

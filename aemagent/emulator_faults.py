@@ -3,9 +3,10 @@
 Posted as JSON to `/_emulator/faults` (see `aemagent.emulator`). A fault first sleeps `delay`
 seconds, then: `drop` closes the connection without an answer; `malformed` answers 200 with an
 HTML body; `status` (503 if only `body` or `error` is given) answers with `body` verbatim or an
-IMS-shaped error, plus `Retry-After` when `retry_after` is given; with none of these the request
-is answered normally after the delay. `Fault.parse` is strict, because a test hook that silently
-ignored a misspelt key would make a test pass for the wrong reason.
+IMS-shaped error, plus `Retry-After` when `retry_after` is given and `Location` when `location`
+is (a 307 with a `location` is a redirect, to prove the client does not follow it); with none of
+these the request is answered normally after the delay. `Fault.parse` is strict, because a test
+hook that silently ignored a misspelt key would make a test pass for the wrong reason.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Fault:
     error: str | None = None
     error_description: str | None = None
     retry_after: str | None = None
+    location: str | None = None
     delay: float = 0.0
     drop: bool = False
     malformed: bool = False
@@ -50,7 +52,7 @@ class Fault:
         status = obj.get("status")
         if status is not None and (type(status) is not int or not 200 <= status <= 599):
             raise _hook_error("status must be an integer from 200 to 599")
-        for key in ("body", "error", "error_description"):
+        for key in ("body", "error", "error_description", "location"):
             if not isinstance(obj.get(key, ""), str):
                 raise _hook_error(f"{key} must be a string")
         retry_after = obj.get("retry_after")
@@ -67,6 +69,7 @@ class Fault:
             error=obj.get("error"),
             error_description=obj.get("error_description"),
             retry_after=None if retry_after is None else str(retry_after),
+            location=obj.get("location"),
             delay=float(delay),
             drop=obj.get("drop", False),
             malformed=obj.get("malformed", False),
@@ -83,7 +86,11 @@ class Fault:
         if self.status is None and self.body is None and self.error is None:
             return None
         status = self.status or 503
-        headers = (("Retry-After", self.retry_after),) if self.retry_after is not None else ()
+        headers: tuple[tuple[str, str], ...] = ()
+        if self.retry_after is not None:
+            headers += (("Retry-After", self.retry_after),)
+        if self.location is not None:
+            headers += (("Location", self.location),)
         if self.body is not None:
             return Response(status, self.body.encode(), headers=headers)
         error = self.error or ("server_error" if status >= 500 else "fault")

@@ -174,6 +174,14 @@ def _clean(value: object, limit: int) -> str | None:
     return text or None
 
 
+def _redacted(value: object, secrets: tuple[str, ...]) -> object:
+    """`value` with every secret in `secrets` replaced by <redacted> (non-strings as they are)."""
+    if isinstance(value, str):
+        for secret in filter(None, secrets):
+            value = value.replace(secret, "<redacted>")
+    return value
+
+
 def _hint(error: str | None, description: str | None, *, kind: str, revoking: bool) -> str | None:
     said = (description or "").lower()
     if error == "invalid_client":
@@ -223,17 +231,16 @@ def error_from_response(
         body = None
     error = description = None
     if isinstance(body, dict):
-        code = body.get("error")
+        code = _redacted(body.get("error"), redact)
         # IMS's error codes are identifiers (invalid_client); anything else is not shown.
         if isinstance(code, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,60}", code):
             error = code
         description = body.get("error_description")
-    # IMS never echoes what it was sent, but whatever sits in between might (best effort).
-    for secret in filter(None, redact):
-        if isinstance(description, str):
-            description = description.replace(secret, "<redacted>")
-    description = _clean(description, 300)
-    debug_id = _clean(response.headers.get("x-debug-id"), 100)
+    # IMS never echoes what it was sent, but whatever sits in between might (best effort): every
+    # piece of the answer that reaches a message is redacted, the error code and the debug id
+    # too (a client secret is a perfectly good identifier).
+    description = _clean(_redacted(description, redact), 300)
+    debug_id = _clean(_redacted(response.headers.get("x-debug-id"), redact), 100)
     if status in (408, 429) or status >= 500:
         ims_now = _http_date(response.headers.get("date"))
         retry_after = parse_retry_after(
