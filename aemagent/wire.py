@@ -23,8 +23,9 @@ import time
 
 # An answer (head and body) larger than this is refused: no agent answer comes near it.
 MAX_ANSWER = 4 * 1024 * 1024
-# sun_path is 108 bytes on Linux and 104 on macOS and the BSDs.
-MAX_SOCKET_PATH = 108 if sys.platform.startswith("linux") else 104
+# sun_path is 108 bytes on Linux and 104 on macOS and the BSDs, the terminating NUL included:
+# the same limits the daemon binds with (unixsocket.MAX_SOCKET_PATH).
+MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
 _RECV_SIZE = 65536
 
 
@@ -41,6 +42,13 @@ class AgentUnreachable(Exception):
 
 class WireError(Exception):
     """The agent's answer was malformed, truncated, too large, or did not come in time."""
+
+
+class _ClosedUnanswered(WireError):
+    """The connection ended before a single byte of an answer."""
+
+
+_REFUSED = "it closed the connection unanswered: an agent serves only the user it runs as"
 
 
 class Reply:
@@ -167,8 +175,11 @@ def request(
             return _read_reply(sock, method, deadline)
         except TimeoutError:
             raise WireError(f"no answer from the agent within {read_timeout:g} s") from None
-        except ConnectionResetError:
-            raise WireError("the agent reset the connection") from None
+        except _ClosedUnanswered:
+            # The agent closes connections of other users before reading a byte.
+            raise AgentUnreachable(sock_path, _REFUSED, permission=True) from None
+        except (ConnectionResetError, BrokenPipeError):
+            raise AgentUnreachable(sock_path, _REFUSED, permission=True) from None
         except OSError as exc:
             raise WireError(f"talking to the agent: {exc.strerror or exc}") from None
     finally:
@@ -271,7 +282,7 @@ def _read_reply(sock: _socket.socket, method: str, deadline: float) -> Reply:
     while (end := buf.find(b"\r\n\r\n")) < 0:
         if not _fill(sock, deadline, buf):
             if not buf:
-                raise WireError("the agent closed the connection without answering")
+                raise _ClosedUnanswered
             raise WireError("the agent's answer ends inside its header")
     status, headers = _parse_head(bytes(buf[:end]))
     start = end + 4

@@ -314,13 +314,21 @@ def test_multi_line_error_message_becomes_one_line(agent, run):
         json_answer(200, {"access_token": ""}),
         json_answer(200, {"access_token": "a b"}),
         Canned(raw=b"garbage\r\n\r\n"),
-        Canned(raw=b""),
         Canned(raw=b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ntruncated"),
     ],
 )
 def test_answers_not_understood_exit_1(agent, run, canned):
     agent.answer = canned
     assert run(sock=agent.path)[0] == 1
+
+
+def test_a_connection_closed_unanswered_is_exit_2_and_says_why(agent, run):
+    """What another user's agent does to us: close without reading (peer uid check)."""
+    agent.answer = Canned(raw=b"")
+    result = run(sock=agent.path)
+    assert result[0] == 2
+    assert "serves only the user it runs as" in result[2]
+    assert "aemagent start" not in result[2]
 
 
 @pytest.mark.parametrize(

@@ -125,7 +125,6 @@ def test_non_json_reply_json_is_a_wire_error(body):
 @pytest.mark.parametrize(
     "data",
     [
-        b"",
         b"garbage\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-",
         b"HTTP/1.1 abc OK\r\n\r\n",
@@ -146,6 +145,13 @@ def test_non_json_reply_json_is_a_wire_error(body):
 def test_garbage_is_a_wire_error(agent, data):
     with pytest.raises(wire.WireError):
         raw(agent, data)
+
+
+def test_a_connection_closed_unanswered_means_not_our_agent(agent):
+    """The agent closes other users' connections before reading: exit 2, with the reason."""
+    with pytest.raises(wire.AgentUnreachable, match="serves only the user it runs as") as info:
+        raw(agent, b"")
+    assert info.value.permission
 
 
 def test_truncated_body_is_a_wire_error(agent):
@@ -182,11 +188,6 @@ def test_read_timeout_is_a_wire_error(agent):
     with pytest.raises(wire.WireError, match=r"no answer from the agent within 0\.2 s"):
         wire.request(agent.path, "GET", "/", read_timeout=0.2)
     assert time.monotonic() - started < 2
-
-
-def test_close_without_answer_is_a_wire_error(agent):
-    with pytest.raises(wire.WireError, match="closed the connection without answering"):
-        raw(agent, b"")
 
 
 @settings(max_examples=300, deadline=None)
