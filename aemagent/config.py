@@ -106,6 +106,7 @@ def load_config(path: str | None = None, *, required: bool = False) -> Config:
     path = path or default_config_path()
     try:
         with open(path, "rb") as f:
+            check_trusted(path, os.fstat(f.fileno()))
             data = tomllib.load(f)
     except FileNotFoundError:
         if required:
@@ -116,6 +117,24 @@ def load_config(path: str | None = None, *, required: bool = False) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     return parse_config(data, path)
+
+
+def check_trusted(path: str, st: os.stat_result) -> None:
+    """Refuse a config file that someone else could have written, as ssh does.
+
+    Its `command` profiles run as us: a file another user can change is their code running
+    as us. Root-owned files are fine (a Kubernetes ConfigMap is root's, mode 0644).
+    """
+    if st.st_uid not in (os.getuid(), 0):
+        raise ConfigError(
+            f"config file {path} belongs to uid {st.st_uid}, not to you: its commands would run"
+            " as you; copy it and own the copy"
+        )
+    if st.st_mode & 0o022:
+        raise ConfigError(
+            f"config file {path} is writable by others (mode {st.st_mode & 0o777:04o}): its"
+            f" commands would run as you; run `chmod go-w {path}`"
+        )
 
 
 def parse_config(data: dict[str, Any], path: str) -> Config:
@@ -230,6 +249,7 @@ def save_profile(path: str, source: ProfileSource) -> None:
                 table.pop("default", None)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    _remove_stale_temporaries(directory, os.path.basename(path))
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -242,6 +262,22 @@ def save_profile(path: str, source: ProfileSource) -> None:
         with _suppress_oserror():
             os.unlink(temporary)
         raise
+
+
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """Temporary files of saves killed before their rename (their process is gone)."""
+    prefix, suffix = f".{name}.", ".tmp"
+    for entry in os.listdir(directory):
+        pid = entry[len(prefix) : -len(suffix)]
+        if not (entry.startswith(prefix) and entry.endswith(suffix) and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with _suppress_oserror():
+                os.unlink(os.path.join(directory, entry))
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 def _suppress_oserror() -> Any:

@@ -17,6 +17,7 @@ for server-to-server tokens is not documented, so its answer is reported, not in
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -24,7 +25,7 @@ import ssl
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING, Any, Self, assert_never
+from typing import TYPE_CHECKING, Any, Self, assert_never, cast
 from urllib.parse import quote_plus, urlencode, urlsplit
 
 import httpx
@@ -51,6 +52,8 @@ from aemagent.errors import (
 from aemagent.logs import utc_iso
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator
+
     from aemagent.clocks import Clock, Now
 
 __all__ = [
@@ -66,6 +69,9 @@ log = logging.getLogger(__name__)
 
 _USER_AGENT = f"aemagent/{__version__}"
 _FORM = "application/x-www-form-urlencoded"
+# IMS answers are a few KiB; a proxy or a broken endpoint must not make the daemon buffer more.
+MAX_ANSWER = 256 * 1024
+_FRAMING = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 # A lifetime longer than this is garbage, not a token (IMS's are 24 h).
 _MAX_LIFETIME = 366 * 86400.0
 _UNUSABLE = "IMS answered 200 without a usable token"
@@ -444,9 +450,14 @@ class IMSClient:
         where = urlsplit(url).netloc
         try:
             with trio.fail_after(self._timeout):
-                return await client.post(
-                    url, content=body, headers={"Content-Type": _FORM, **(headers or {})}
+                request = client.build_request(
+                    "POST", url, content=body, headers={"Content-Type": _FORM, **(headers or {})}
                 )
+                response = await client.send(request, stream=True)
+                try:
+                    content = await _read_capped(response, where)
+                finally:
+                    await response.aclose()
         except (trio.TooSlowError, httpx.TimeoutException) as exc:
             raise IMSTransientError(
                 f"IMS at {where} did not answer within {self._timeout:g} s"
@@ -460,6 +471,9 @@ class IMSClient:
             elif said.startswith("407"):
                 hint = "the proxy wants a login: put user and password in the proxy URL"
             raise IMSTransientError(f"could not reach IMS at {where}: {said}", hint=hint) from exc
+        # The body is decoded already: the copy must not say it is compressed.
+        kept = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _FRAMING]
+        return httpx.Response(response.status_code, headers=kept, content=content, request=request)
 
     def _client_for(self, ims_base: str) -> httpx.AsyncClient:
         parts = urlsplit(ims_base)
@@ -495,6 +509,22 @@ class IMSClient:
         if loopback:
             return {"trust_env": False, "proxy": None, "verify": verify}
         return {"trust_env": True, "proxy": self._proxy, "verify": verify}
+
+
+async def _read_capped(response: httpx.Response, where: str) -> bytes:
+    """The (decoded) body, refused beyond MAX_ANSWER: IMS answers are a few KiB."""
+    chunks, size = [], 0
+    # aiter_bytes() is an async generator (typed as an iterator): close it even when we stop.
+    chunks_of = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
+    async with contextlib.aclosing(chunks_of) as body:
+        async for chunk in body:
+            size += len(chunk)
+            if size > MAX_ANSWER:
+                raise IMSTransientError(
+                    f"IMS at {where} answered with more than {MAX_ANSWER} bytes"
+                )
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _grant(response: httpx.Response, sent: Now, *, unit_ms: bool) -> Grant:

@@ -210,3 +210,28 @@ async def _parse(obj):
 
 def test_parse_config_accepts_an_empty_document():
     assert parse_config({}, "x").profiles == ()
+
+
+def test_a_config_file_others_can_write_is_refused(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('[profiles.a]\ncommand = "echo {}"\n')
+    path.chmod(0o664)
+    with pytest.raises(ConfigError, match=r"writable by others \(mode 0664\).*chmod go-w"):
+        load_config(str(path))
+    path.chmod(0o644)
+    assert load_config(str(path)).profiles[0].name == "a"
+    os.chown(path, 65534, 65534)  # the tests run as root; as a user this is someone else's
+    if os.getuid() == 0:
+        with pytest.raises(ConfigError, match="belongs to uid 65534, not to you"):
+            load_config(str(path))
+
+
+def test_save_removes_temporaries_of_killed_saves(tmp_path):
+    path = tmp_path / "config.toml"
+    dead = tmp_path / ".config.toml.999999999.tmp"  # no such pid
+    alive = tmp_path / f".config.toml.{os.getppid()}.tmp"  # a live process: maybe mid-save
+    dead.write_text("half")
+    alive.write_text("half")
+    save_profile(str(path), ProfileSource(name="a", file="/x"))
+    assert not dead.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["config.toml", alive.name])

@@ -395,6 +395,26 @@ async def test_connection_errors_are_transient():
     assert isinstance(info.value.__cause__, httpx.ConnectError)
 
 
+async def test_an_oversized_answer_is_refused_while_reading():
+    import gzip
+
+    ims = FakeIMS()
+    huge = b'{"access_token": "' + b"a" * (300 * 1024) + b'"}'
+    ims.answers.append(httpx.Response(200, content=huge))
+    # compressed, it is small on the wire: the cap is on what decompression yields
+    packed = gzip.compress(huge)
+    ims.answers.append(httpx.Response(502, content=packed, headers={"Content-Encoding": "gzip"}))
+    async with ims.client() as client:
+        for _ in range(2):
+            with pytest.raises(IMSTransientError, match="answered with more than 262144 bytes"):
+                await client.fetch(credential())
+        # a normal gzip answer still works: decoded once, not twice
+        body = gzip.compress(b'{"error": "invalid_client"}')
+        ims.answers.append(httpx.Response(400, content=body, headers={"Content-Encoding": "gzip"}))
+        with pytest.raises(IMSPermanentError, match="invalid_client"):
+            await client.fetch(credential())
+
+
 async def test_tls_failure_hints_at_the_ca():
     def untrusted(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
