@@ -61,12 +61,7 @@ def call(
             path, method, target, body=payload, headers=headers, read_timeout=read_timeout
         )
     except AgentUnreachable as exc:
-        fix = (
-            "point $AEMAGENT_SOCK or --socket at your own agent"
-            if exc.permission
-            else ("start it with `aemagent start`")
-        )
-        raise CLIError(f"{exc}; {fix}", EXIT_NO_AGENT) from None
+        raise CLIError(f"{exc}; {exc.advice}", EXIT_NO_AGENT) from None
     except WireError as exc:
         raise CLIError(f"bad answer from the agent at {path}: {exc}") from None
     return _decode(reply)

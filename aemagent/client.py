@@ -184,8 +184,7 @@ def _call(
             read_timeout=READ_TIMEOUT,
         )
     except wire.AgentUnreachable as exc:
-        hint = "use your own agent" if exc.permission else "start it with `aemagent start`"
-        raise AgentNotRunning(f"{exc}; {hint}") from None
+        raise AgentNotRunning(f"{exc}; {exc.advice}") from None
     except wire.WireError as exc:
         raise AgentError(str(exc)) from None
     try:

@@ -188,9 +188,7 @@ def _run(argv: list[str]) -> int:
 
 
 def _unreachable_hint(exc: wire.AgentUnreachable) -> str:
-    if exc.permission:
-        return f"{exc}; point $AEMAGENT_SOCK or --socket at your own agent"
-    return f"{exc}; start it with `aemagent start`"
+    return f"{exc}; {exc.advice}"
 
 
 def _parse(argv: list[str], *, git: bool = False) -> dict[str, str]:

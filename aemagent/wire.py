@@ -39,6 +39,13 @@ class AgentUnreachable(Exception):
         # Permission denied: someone else's socket, so "start one" is not the fix.
         self.permission = permission
 
+    @property
+    def advice(self) -> str:
+        """What to do about it, for the one line every client prints."""
+        if self.permission:
+            return "point $AEMAGENT_SOCK or --socket at your own agent"
+        return "start it with `aemagent start`"
+
 
 class WireError(Exception):
     """The agent's answer was malformed, truncated, too large, or did not come in time."""
