@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,3 +29,15 @@ def agent(tmp_path: Path) -> Iterator[procs.AgentProcess]:
     """A real daemon on a real socket in a private temp dir, stopped after the test."""
     with procs.agent(tmp_path) as running:
         yield running
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """A short private directory (socket paths are limited to 107 bytes); afterwards no daemon
+    serving under it survives."""
+    directory = Path(tempfile.mkdtemp(prefix="aemt-"))
+    try:
+        yield directory
+    finally:
+        procs.kill_agents(str(directory))
+        shutil.rmtree(directory, ignore_errors=True)

@@ -324,3 +324,30 @@ def kill_agents(path: str) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return pids
+
+
+# ---- raw HTTP on the agent's socket (for hostile-input tests)
+
+
+def raw_exchange(sock: str, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes on a fresh connection; everything received until the daemon closes."""
+    import socket
+
+    received = bytearray()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(sock)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(data)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                received += chunk
+    return bytes(received)
+
+
+def raw_answer(raw: bytes) -> tuple[int, dict[str, object]]:
+    """Status and JSON body of one raw HTTP/1.1 answer."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split(b" ")
+    assert status_line[0] == b"HTTP/1.1", raw[:200]
+    return int(status_line[1]), json.loads(body)

@@ -20,7 +20,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,18 +42,6 @@ pytestmark = [
 
 # The daemon's displacement check runs this often (DaemonSettings.watch_interval).
 WATCH_INTERVAL = 5.0
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    """A short private directory (socket paths are limited to 107 bytes); afterwards no daemon
-    started with `--socket` under it survives."""
-    directory = Path(tempfile.mkdtemp(prefix="aema-"))
-    try:
-        yield directory
-    finally:
-        procs.kill_agents(str(directory))
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 class Notifications:

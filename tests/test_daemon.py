@@ -25,9 +25,8 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import procs
@@ -48,17 +47,6 @@ NOBODY = 65534
 
 
 # ---- helpers
-
-
-@pytest.fixture
-def base() -> Iterator[Path]:
-    """A short private directory; afterwards no daemon serving under it survives."""
-    directory = Path(tempfile.mkdtemp(prefix="aemd-"))
-    try:
-        yield directory
-    finally:
-        procs.kill_agents(str(directory))
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -130,27 +118,6 @@ def _stop_started(sock: str, env: dict[str, str], pid: int) -> None:
     assert f"stopped the agent (pid {pid})" in stopped.stdout
     _wait_for(lambda: not _alive(pid), 10, f"pid {pid} to exit")
     assert not os.path.lexists(sock)
-
-
-def _exchange(sock: str, data: bytes, timeout: float = 5.0) -> bytes:
-    """Send raw bytes on a fresh connection; everything received until the daemon closes."""
-    received = bytearray()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(sock)
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            s.sendall(data)
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := s.recv(65536):
-                received += chunk
-    return bytes(received)
-
-
-def _answer(raw: bytes) -> tuple[int, dict[str, object]]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].split(b" ")
-    assert status_line[0] == b"HTTP/1.1", raw[:200]
-    return int(status_line[1]), json.loads(body)
 
 
 def _proc_limits(pid: int) -> dict[str, tuple[str, str]]:
@@ -608,16 +575,18 @@ def test_oversized_and_garbage_requests_are_refused_and_the_daemon_survives(
     times out); without the Content-Length check the daemon waits for the body (likewise)."""
     head = b"GET /v1/health HTTP/1.1\r\nHost: aemagent\r\nX-Padding: " + b"a" * 17 * 1024
     for unfinished in (False, True):  # a complete head, and one whose end never comes
-        status, body = _answer(_exchange(agent.sock, head + (b"" if unfinished else b"\r\n\r\n")))
+        status, body = procs.raw_answer(
+            procs.raw_exchange(agent.sock, head + (b"" if unfinished else b"\r\n\r\n"))
+        )
         assert (status, body["error"]) == (413, "too_large"), unfinished
 
     big = b"POST /v1/profiles HTTP/1.1\r\nHost: aemagent\r\nContent-Type: application/json\r\n"
     big += b"Content-Length: %d\r\n\r\n" % (2 * 1024 * 1024)
-    status, body = _answer(_exchange(agent.sock, big))  # the body is never sent
+    status, body = procs.raw_answer(procs.raw_exchange(agent.sock, big))  # the body is never sent
     assert (status, body["error"]) == (413, "too_large")
 
     garbage = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not HTTP at all\r\n\r\n"
-    status, body = _answer(_exchange(agent.sock, garbage))
+    status, body = procs.raw_answer(procs.raw_exchange(agent.sock, garbage))
     assert (status, body["error"]) == (400, "bad_request")
 
     rng = random.Random(20261130)

@@ -24,7 +24,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import tomllib
@@ -52,18 +51,6 @@ MAX_BODY = 1024 * 1024  # the daemon's and the CLI's limit on a request body / a
 # ---- helpers
 
 
-@pytest.fixture
-def base() -> Iterator[Path]:
-    """A short private directory (socket paths are limited to 107 bytes); afterwards no daemon
-    serving under it survives."""
-    directory = Path(tempfile.mkdtemp(prefix="aemh-"))
-    try:
-        yield directory
-    finally:
-        procs.kill_agents(str(directory))
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -76,26 +63,6 @@ def one_line(text: str) -> str:
     lines = text.strip().splitlines()
     assert len(lines) == 1, text
     return lines[0]
-
-
-def exchange(sock: str, data: bytes, timeout: float = 10.0) -> bytes:
-    """Send raw bytes on a fresh connection; everything received until the daemon closes."""
-    received = bytearray()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(sock)
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            s.sendall(data)
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := s.recv(65536):
-                received += chunk
-    return bytes(received)
-
-
-def answer(raw: bytes) -> tuple[int, dict[str, object]]:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 "), raw[:200]
-    return int(head.split(b" ")[1]), json.loads(body)
 
 
 def post(path: str, body: bytes, content_type: str = "application/json") -> bytes:
@@ -659,7 +626,7 @@ def test_abuse_on_the_socket_leaves_the_daemon_answering_with_bounded_memory(
                 health_within(2.0)
 
         huge = b"[" + b"1," * (5 * 1024 * 1024) + b"1]"  # 10 MiB of valid JSON
-        status, body = answer(exchange(agent.sock, post("/v1/profiles", huge)))
+        status, body = procs.raw_answer(procs.raw_exchange(agent.sock, post("/v1/profiles", huge)))
         assert (status, body["error"]) == (413, "too_large")
         assert one_line(str(body["message"])) == f"request body is larger than {MAX_BODY} bytes"
         chunked = b"POST /v1/profiles HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -667,7 +634,7 @@ def test_abuse_on_the_socket_leaves_the_daemon_answering_with_bounded_memory(
             b"100000\r\n" + huge[i : i + 0x100000] + b"\r\n"
             for i in range(0, 10 * 0x100000, 0x100000)
         )
-        status, body = answer(exchange(agent.sock, chunked + b"0\r\n\r\n"))
+        status, body = procs.raw_answer(procs.raw_exchange(agent.sock, chunked + b"0\r\n\r\n"))
         assert (status, body["error"]) == (413, "too_large")
 
         health_within(2.0)
@@ -712,8 +679,10 @@ def test_a_10_mb_credential_gets_one_clear_line_from_the_cli_and_the_api(
         done = agent.cli("add", *args, "--name", "big", stdin=stdin)
         assert (done.returncode, done.stdout) == (64, "")
         assert f"is larger than {MAX_BODY} bytes: not a credential" in one_line(done.stderr)
-    status, body = answer(
-        exchange(agent.sock, post("/v1/profiles", json.dumps({"credential": padded}).encode()))
+    status, body = procs.raw_answer(
+        procs.raw_exchange(
+            agent.sock, post("/v1/profiles", json.dumps({"credential": padded}).encode())
+        )
     )
     assert (status, body["error"]) == (413, "too_large")
     assert one_line(str(body["message"])) == f"request body is larger than {MAX_BODY} bytes"
@@ -735,19 +704,19 @@ def test_a_10_mb_credential_gets_one_clear_line_from_the_cli_and_the_api(
         "truncated JSON as a string": (json.dumps(service)[:300], None),
     }
     for label, (credential, field) in cases.items():
-        raw = exchange(
+        raw = procs.raw_exchange(
             agent.sock, post("/v1/profiles", json.dumps({"credential": credential}).encode())
         )
-        status, body = answer(raw)
+        status, body = procs.raw_answer(raw)
         assert (status, body["error"]) == (400, "bad_request"), (label, body)
         message = one_line(str(body["message"]))
         assert field is None or field in message, (label, message)
         assert secret[4:20] not in message, label
         assert _key_body(integration["privateKey"])[:40] not in message, label
-    raw = exchange(
+    raw = procs.raw_exchange(
         agent.sock, post("/v1/profiles", json.dumps({"credential": service})[:500].encode())
     )
-    status, body = answer(raw)
+    status, body = procs.raw_answer(raw)
     assert (status, one_line(str(body["message"]))) == (
         400,
         "request body is not valid JSON (JSONDecodeError)",
