@@ -7,7 +7,10 @@ or replacing the profile cancels. In it run:
 
 * the profile's timer: asks the pure `Schedule` (policy.py) whether a refresh is due, starts one
   if so, then sleeps until the next decision, never longer than a minute, and re-reads both clocks
-  on every wake-up (so a laptop that slept through the refresh time refreshes at once);
+  on every wake-up (so a laptop that slept through the refresh time refreshes at once). A sleep
+  that is only that once-a-minute re-check ends on the next whole minute of trio's clock
+  (`clocks.on_grid`), the same instant for every profile, so an idle agent wakes once a minute
+  whatever its number of profiles; a refresh, retry or lifetime end due sooner is slept to exactly;
 * at most one *flight*: an IMS call for this profile. Requests that need a token while a flight
   is up wait for it and share its result. A flight runs in the profile's nursery, not in the
   requester's task, so a caller that hangs up does not cancel it. A global `CapacityLimiter`
@@ -32,7 +35,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from aemagent.clocks import Clock, Now, SystemClock
+from aemagent.clocks import Clock, Now, SystemClock, on_grid
 from aemagent.credentials import Credential, DevToken, Secret
 from aemagent.errors import (
     AemAgentError,
@@ -534,12 +537,15 @@ class Agent:
                 return
             if profile.flight is None and schedule.refresh_due(now):
                 self._start_flight(profile)
+            period = self.settings.wake_interval
             delay = schedule.seconds_until_due(now)
             if profile.flight is not None:
-                delay = self.settings.wake_interval
+                delay = period
             if profile.forget_at is not None:
                 delay = min(delay, profile.forget_at - now.boot)
-            with trio.move_on_after(max(delay, 0.0)):
+            # A mere re-check lands on the process's one-minute grid, shared by every profile
+            # (one wake-up a minute for all of them); a refresh, retry or end due sooner is exact.
+            with trio.move_on_at(on_grid(trio.current_time(), delay, period)):
                 await profile.changed.wait()
 
     # ---- description for `status`

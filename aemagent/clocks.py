@@ -5,10 +5,13 @@ wakes up or NTP corrects it. `boot` counts seconds and keeps counting through su
 CLOCK_BOOTTIME); where the OS has no such clock it falls back to the monotonic clock, and the wall
 clock still catches a suspend. A token is served only if it is valid on both (CONTRACT.md "Token
 lifecycle"). Decisions take a `Now`; only the daemon's edges read a real clock.
+
+`on_grid` is how the daemon's periodic sleepers share their wake-ups (see its docstring).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import NamedTuple, Protocol
 
@@ -51,3 +54,31 @@ class FakeClock:
 
     def jump_wall(self, seconds: float) -> None:
         self.wall += seconds
+
+
+def on_grid(now: float, delay: float, period: float) -> float:
+    """The deadline, on the clock `now` was read from, for a sleep of `delay` seconds.
+
+    A delay shorter than `period` is a real event (a refresh due in 37.2 s, a retry backoff, a
+    lifetime's end): its deadline is exact, `now + delay` (a negative delay counts as 0). A delay
+    of `period` or more is a periodic re-check, whose caller wakes early without harm and decides
+    again: its deadline is the first multiple of `period` after `now`, strictly later than `now`
+    and never later than `now + period` (give or take a float rounding). The first such sleep may
+    be short; from then on they come exactly `period` apart.
+
+    So every periodic sleeper in the process sleeps until the very same floats (`k * period` for
+    the same `k`), and trio, which expires every deadline that has passed in one pass of its run
+    loop, wakes the process once a period for all of them, not once per sleeper at instants of
+    their own. `now` is `trio.current_time()`: the grid is the process's own (trio's clock starts
+    at a random offset), which is all the batching needs. A `period` <= 0 means no grid.
+    """
+    delay = max(delay, 0.0)
+    if period <= 0 or delay < period:
+        return now + delay
+    k = math.floor(now / period) + 1
+    # now / period is rounded: the multiples either side of `now` decide, not the quotient.
+    while (k - 1) * period > now:
+        k -= 1
+    while k * period <= now:
+        k += 1
+    return k * period

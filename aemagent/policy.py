@@ -35,7 +35,8 @@ class PolicySettings:
     backoff_initial: float = 1.0
     backoff_max: float = 300.0
     default_min_valid: float = 60.0
-    # The daemon re-checks both clocks at least this often, whatever the timers say.
+    # The daemon re-checks both clocks at least this often, whatever the timers say; the agent
+    # puts every profile's re-check on one grid of this period (clocks.on_grid): one wake-up.
     wake_interval: float = 60.0
     # A request waits at most this long for IMS before it is answered 503.
     request_wait: float = 20.0

@@ -450,3 +450,56 @@ async def test_dev_token_suspend_counts(autojump_clock, clock, ims):
         clock.suspend(4 * 3600)
         with pytest.raises(UnavailableError, match="expired"):
             await agent.token()
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Records the trio times at which any task ran: with an autojump clock each distinct time
+    is one wake-up of the process (time moves only while every task sleeps)."""
+
+    def __init__(self) -> None:
+        self.times: set[float] = set()
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.times.add(trio.current_time())
+
+
+def on_the_minute(t: float) -> bool:
+    return abs(t / 60 - round(t / 60)) < 1e-9
+
+
+async def test_idle_profiles_wake_the_process_once_a_minute_together(autojump_clock, clock, ims):
+    async with running(ims, clock) as agent:
+        for i in range(10):  # added at ten different moments, so their timers start out of step
+            await agent.add(FakeCredential(client_id=f"cm-p{i}-e1", digest=str(i)), name=f"p{i}")
+            await trio.sleep(7.3)
+        await trio.sleep_until(180.0)
+        steps = TaskSteps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            await trio.sleep_until(180.0 + 3600)
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert len(ims.calls) == 10  # nothing was due: only the re-checks ran
+        assert all(on_the_minute(t) for t in steps.times), sorted(steps.times)
+        assert len(steps.times) <= 61  # once a minute for the hour, not once per profile
+        assert len(steps.times) >= 60  # and the re-checks did run
+
+
+async def test_off_grid_refreshes_retries_and_lifetimes_are_exact(autojump_clock, clock, ims):
+    async with running(ims, clock) as agent:
+        await trio.sleep(17.3)
+        await agent.add(FakeCredential())
+        await agent.add(
+            FakeCredential(client_id="cm-p3-e4", digest="2"), name="brief", lifetime=100.7
+        )
+        await trio.sleep_until(17.3 + 100.7 - 0.01)
+        assert agent.find("brief") is not None
+        await trio.sleep_until(17.3 + 100.7 + 0.01)  # forgotten on time, not on the next minute
+        assert agent.find("brief") is None
+        ims.script = [transient(retry_after=37.2)]
+        await trio.sleep_until(17.3 + 64_800 + 60)
+        # the refresh was due at 17.3 s + 18 h (a quarter of the day left); its retry 37.2 s
+        # after the failure (IMS answers in 0.1 s)
+        assert [t for t, _ in ims.calls if t > 200] == pytest.approx(
+            [17.3 + 64_800, 17.3 + 64_800 + 0.1 + 37.2], abs=1e-6
+        )

@@ -2,7 +2,7 @@
 
 import pytest
 
-from aemagent.clocks import Now
+from aemagent.clocks import Now, on_grid
 from aemagent.errors import UsageError
 from aemagent.policy import (
     PolicySettings,
@@ -174,3 +174,37 @@ def test_forced_refresh_at_most_once_a_minute():
     assert not s.allow_forced(later(T0, 59.9))
     assert s.allow_forced(later(T0, 60))
     assert not s.allow_forced(later(T0, 61))
+
+
+def test_on_grid_keeps_real_events_exact():
+    now = 100_037.25
+    assert on_grid(now, 37.2, 60.0) == now + 37.2
+    assert on_grid(now, 59.999, 60.0) == now + 59.999
+    assert on_grid(now, 0.0, 60.0) == now
+    assert on_grid(now, -5.0, 60.0) == now  # overdue: at once
+    assert on_grid(now, 120.0, 0.0) == now + 120.0  # no period, no grid
+
+
+def test_on_grid_puts_periodic_re_checks_on_the_next_multiple():
+    assert on_grid(1000.5, 60.0, 60.0) == 1020.0
+    assert on_grid(1020.0, 60.0, 60.0) == 1080.0  # strictly after now
+    assert on_grid(1019.999, 60.0, 60.0) == 1020.0  # may be soon; never later than a period
+    assert on_grid(1000.5, 3600.0, 60.0) == 1020.0  # a longer delay is re-checked all the same
+    # Sleepers that start at different moments of one period wake at the very same float.
+    assert {on_grid(t, 60.0, 60.0) for t in (1020.0001, 1033.3, 1079.9999999)} == {1080.0}
+
+
+def test_on_grid_is_the_next_multiple_for_any_trio_clock_reading():
+    import math
+    import random
+
+    rng = random.Random(6)
+    for _ in range(20_000):
+        period = rng.choice([60.0, 5.0, 0.1, 7.3])
+        # trio's clock starts at a random offset between 10 000 and 200 000 s
+        now = rng.choice([rng.uniform(0.0, 3e5), rng.randrange(10**6) * period])
+        deadline = on_grid(now, period, period)
+        k = round(deadline / period)
+        assert deadline == k * period  # the same float for everyone at this tick
+        assert now < deadline <= now + period + 4 * math.ulp(now)  # give or take a rounding
+        assert (k - 1) * period <= now  # the first tick after now, not a later one
