@@ -83,6 +83,10 @@ class TokenSource(Protocol):
     async def revoke(self, credential: Credential, token: Secret) -> str: ...
 
 
+# Hosts remembered by `Agent._resolved`: far more than one user's scripts ask for.
+_RESOLVED_MAX = 1024
+
+
 class Agent:
     """Holds the profiles; serves, refreshes and forgets their tokens."""
 
@@ -101,6 +105,10 @@ class Agent:
         self._ims_limit = trio.CapacityLimiter(ims_concurrency)
         self._rng = rng or random.Random()
         self._profiles: dict[str, Profile] = {}
+        # Which profile a URL's host (or None: no name, no URL) resolves to, as last computed;
+        # emptied whenever profiles, hosts or the default change. Matching is a scan over every
+        # profile's patterns, which a script asking for the same host again should not repeat.
+        self._resolved: dict[str | None, Profile] = {}
         self._generations = itertools.count(1)
         self._nursery: trio.Nursery | None = None
 
@@ -142,6 +150,7 @@ class Agent:
             self._drop(old)
         self._profiles[name] = profile
         self._set_default(profile, default)
+        self._resolved.clear()
         return profile
 
     async def add(
@@ -173,6 +182,7 @@ class Agent:
             # permanent-failure block (adding a credential again counts as a manual retry).
             old.hosts, old.source, old.forget_at = hosts, source, forget_at
             self._set_default(old, default)
+            self._resolved.clear()
             if old.schedule.blocked:
                 old.schedule.on_manual()
                 old.notify()
@@ -196,8 +206,10 @@ class Agent:
             self._drop(old)
         self._profiles[name] = profile
         self._set_default(profile, default)
+        self._resolved.clear()
         profile.published.set()
-        log.info("profile %s: %s %s", name, "replaced with" if old else "added", credential)
+        replaced = old is not None and not isinstance(old.credential, Unloaded)
+        log.info("profile %s: %s %s", name, "replaced with" if replaced else "added", credential)
         return profile
 
     def _load_dev_token(self, profile: Profile, token: DevToken, now: Now) -> None:
@@ -233,6 +245,7 @@ class Agent:
     def _drop(self, profile: Profile) -> None:
         if self._profiles.get(profile.name) is profile:
             del self._profiles[profile.name]
+        self._resolved.clear()
         profile.scope.cancel()
         profile.token = None
         profile.notify()
@@ -254,6 +267,14 @@ class Agent:
             return profile
         if url:
             return self._resolve_url(url)
+        found = self._resolved.get(None)
+        if found is not None:
+            return found
+        found = self._resolve_default()
+        self._resolved[None] = found
+        return found
+
+    def _resolve_default(self) -> Profile:
         if not self._profiles:
             raise NotFoundError("no profiles loaded; add one with `aemagent add FILE`")
         defaults = [p for p in self._profiles.values() if p.default]
@@ -274,6 +295,15 @@ class Agent:
         if not host:
             raise UsageError("url has no host name")
         host = host.lower()
+        found = self._resolved.get(host)
+        if found is None:
+            found = self._match_host(host)
+            if len(self._resolved) >= _RESOLVED_MAX:
+                self._resolved.clear()
+            self._resolved[host] = found
+        return found
+
+    def _match_host(self, host: str) -> Profile:
         # Patterns given with --host win over those derived from the credential: a profile
         # added for one AEM host is not shadowed by a service credential of that environment.
         matches = [p for p in self.profiles() if p.matches_host(host, derived=False)]
@@ -303,6 +333,9 @@ class Agent:
         self, *, name: str | None = None, url: str | None = None, min_valid: float | None = None
     ) -> Served:
         """A token valid for at least `min_valid` s, waiting at most `request_wait` s for IMS."""
+        served = self._usable(self.resolve(name, url), min_valid)
+        if served is not None:  # the usual case: no timeout scope, no waiting
+            return served
         wait = self.settings.request_wait
         with trio.move_on_after(wait):
             return await self._token(name, url, min_valid)
@@ -316,13 +349,14 @@ class Agent:
         fetches_seen: dict[int, int] = {}
         while True:
             profile = self.resolve(name, url)
+            served = self._usable(profile, min_valid)
+            if served is not None:
+                return served
             schedule, now = profile.schedule, self.now()
             fetches_seen.setdefault(profile.generation, profile.fetches)
             need = 0.0 if min_valid is None else min_valid
             if schedule.token is not None:
                 need = effective_min_valid(min_valid, schedule.token.lifetime, self.settings)
-            if profile.token is not None and schedule.usable(now, need):
-                return self._served(profile, now)
             if profile.flight is None:
                 self._fail_unless_fetch_can_help(profile, now, need, fetches_seen)
                 if schedule.may_fetch(now):
@@ -369,6 +403,15 @@ class Agent:
                 raise UnavailableError(
                     f"{what}: {profile.last_error}; next attempt in {describe_duration(retry_in)}"
                 )
+
+    def _usable(self, profile: Profile, min_valid: float | None) -> Served | None:
+        """The profile's token if it is valid for long enough now, else None."""
+        times = profile.schedule.token
+        if profile.token is None or times is None:
+            return None
+        now = self.now()
+        need = effective_min_valid(min_valid, times.lifetime, self.settings)
+        return self._served(profile, now) if profile.schedule.usable(now, need) else None
 
     def _served(self, profile: Profile, now: Now) -> Served:
         times = profile.schedule.token

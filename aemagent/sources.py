@@ -66,6 +66,7 @@ class ConfigProfiles:
     def __init__(self, agent: Agent, config: Config) -> None:
         self._agent = agent
         self.config = config
+        self._parsing = trio.Lock()
 
     async def reload(self) -> None:
         """Read the config file again, then load every profile in it."""
@@ -103,7 +104,13 @@ class ConfigProfiles:
             )
             return
         try:
-            credential = parse_credential(await read_source(source))
+            raw = await read_source(source)
+            # One parse at a time, with a checkpoint after each: checking an RSA key takes
+            # cryptography some 40 ms of CPU under the GIL, and a thousand profiles parsed in
+            # one scheduler batch would stall every request for a minute.
+            async with self._parsing:
+                credential = parse_credential(raw)
+                await trio.lowlevel.checkpoint()
         except AemAgentError as exc:
             log.error("config profile %s (%s): %s", source.name, source.describe(), exc)
             if existing is None or isinstance(existing.credential, Unloaded):

@@ -503,3 +503,30 @@ async def test_off_grid_refreshes_retries_and_lifetimes_are_exact(autojump_clock
         assert [t for t, _ in ims.calls if t > 200] == pytest.approx(
             [17.3 + 64_800, 17.3 + 64_800 + 0.1 + 37.2], abs=1e-6
         )
+
+
+async def test_remembered_resolutions_follow_every_change(autojump_clock, clock, ims):
+    """The agent remembers which profile a host (or no name) resolved to; each change that could
+    alter the answer must forget it. Broken: a stale answer after forget, default or new hosts."""
+    async with running(ims, clock) as agent:
+        await agent.add(FakeCredential(), name="a", hosts=("h.example",))
+        await agent.add(FakeCredential(client_id="b", digest="2"), name="b", default=True)
+        pick = agent.resolve
+        assert pick(url="https://h.example/").name == "a"
+        assert pick().name == "b"
+        # The same credential again, with other hosts: the old host no longer matches.
+        await agent.add(FakeCredential(), name="a", hosts=("g.example",))
+        with pytest.raises(NotFoundError, match="no profile matches host h.example"):
+            pick(url="https://h.example/")
+        assert pick(url="g.example").name == "a"
+        # Another default.
+        await agent.add(FakeCredential(), name="a", hosts=("g.example",), default=True)
+        assert pick().name == "a"
+        # Forgotten.
+        agent.forget("a")
+        with pytest.raises(NotFoundError, match="no profile matches host g.example"):
+            pick(url="g.example")
+        assert pick().name == "b"
+        agent.forget("b")
+        with pytest.raises(NotFoundError, match="no profiles loaded"):
+            pick()
