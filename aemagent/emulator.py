@@ -18,7 +18,14 @@ for clock-skew tests). Test hooks, loopback only like everything else:
     DELETE /_emulator/faults   forget pending faults
     GET /_emulator/requests    the requests seen (field names and JWT claims, never a secret)
     DELETE /_emulator/requests forget them
+    GET /_emulator/stats       {"in_flight", "max_in_flight", "exchanges"}: requests to the two
+                               token endpoints being answered now, the most ever at once, and
+                               in all (the high-water mark shows the agent's cap on IMS calls)
+    DELETE /_emulator/stats    count afresh (max_in_flight restarts from in_flight); answers them
     GET|POST /_emulator/clock  read or set {"offset": seconds}
+
+`--exchange-delay SECONDS` holds every request to the token endpoints that long before answering
+(real IMS takes 100 ms or more), so that concurrent exchanges overlap and can be counted.
 
 It serves plain HTTP, so it binds loopback addresses only.
 """
@@ -71,6 +78,7 @@ class EmulatorSettings:
     token_lifetime: int = DEFAULT_TOKEN_LIFETIME  # seconds, for every token issued
     clock_offset: float = 0.0  # the emulator's clock = real time + this
     write_credentials: Path | None = None
+    exchange_delay: float = 0.0  # seconds every token request is held before its answer
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,7 @@ async def serve_emulator(
                 url,
                 token_lifetime=settings.token_lifetime,
                 clock_offset=settings.clock_offset,
+                exchange_delay=settings.exchange_delay,
             )
         )
         paths: Mapping[str, Path] = {}
@@ -167,6 +176,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="run the emulator's clock this far ahead of real time (negative: behind)",
     )
+    parser.add_argument(
+        "--exchange-delay",
+        metavar="SECONDS",
+        type=_delay,
+        default=0.0,
+        help="answer every token request this much later, as real IMS is slow (default 0)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         token_lifetime=args.token_lifetime,
         clock_offset=args.clock_offset,
         write_credentials=args.write_credentials,
+        exchange_delay=args.exchange_delay,
     )
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s"
@@ -242,6 +259,16 @@ def _finite_float(text: str) -> float:
         value = math.nan
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def _delay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 600:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 600")
     return value
 
 

@@ -5,6 +5,12 @@ the `/_emulator/` test hooks; the endpoints are listed in `aemagent.emulator`. R
 IMS's error shape `{"error", "error_description"}`. Checks run in a fixed order (form, client,
 secret, then the JWT rules of `emulator_tokens.check_jwt_assertion`), so a request with several
 faults always gets the same answer.
+
+The two token endpoints (`/ims/exchange/jwt`, `/ims/token/v3`) are counted while they are being
+answered: `in_flight` now, `max_in_flight` ever (the high-water mark the agent's IMS concurrency
+cap must keep under), `exchanges` in all. `exchange_delay` holds every such request that long
+before it is answered, as real IMS takes 100 ms or more: without it, answers take a millisecond
+and no concurrency could ever be seen.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import time
 import urllib.parse
 import uuid
 from typing import Any
+
+import trio
 
 from aemagent.emulator_faults import Fault
 from aemagent.emulator_tokens import (
@@ -47,6 +55,29 @@ _ENDPOINTS = {
     "/ims/token/v3": "token",
     "/ims/invalidate_token/v2": "invalidate",
 }
+_TOKEN_ENDPOINTS = frozenset({"jwt", "token"})
+
+
+@dataclasses.dataclass
+class ExchangeStats:
+    """Requests to the token endpoints: being answered now, the most at once, and in all."""
+
+    in_flight: int = 0
+    max_in_flight: int = 0
+    exchanges: int = 0
+
+    def started(self) -> None:
+        self.in_flight += 1
+        self.exchanges += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+
+    def reset(self) -> None:
+        """Start counting afresh; requests still being answered count as the high-water mark."""
+        self.max_in_flight = self.in_flight
+        self.exchanges = 0
 
 
 class Emulator:
@@ -58,10 +89,13 @@ class Emulator:
         *,
         token_lifetime: int = DEFAULT_TOKEN_LIFETIME,
         clock_offset: float = 0.0,
+        exchange_delay: float = 0.0,
     ) -> None:
         self.base_url = base_url
         self.token_lifetime = token_lifetime
         self.clock_offset = clock_offset
+        self.exchange_delay = exchange_delay  # seconds every token request is held
+        self.stats = ExchangeStats()
         self.service = ServiceIntegration.generate(self.now())
         self.oauth = OAuthClient.generate()
         self.issuer = TokenIssuer.generate()
@@ -124,7 +158,21 @@ class Emulator:
             endpoint = "aem"
         if endpoint is None:
             return _ims_error(404, "not_found", f"no such endpoint: {request.path}")
-        record = self._record(request, endpoint, debug_id)
+        counted = endpoint in _TOKEN_ENDPOINTS
+        if counted:
+            self.stats.started()
+        try:
+            return await self._answer(request, endpoint, debug_id, counted)
+        finally:
+            if counted:
+                self.stats.finished()
+
+    async def _answer(
+        self, request: Request, endpoint: str, debug_id: str, counted: bool
+    ) -> Response:
+        record = self._record(request, endpoint, debug_id)  # the time it arrived
+        if counted and self.exchange_delay > 0:
+            await trio.sleep(self.exchange_delay)
         fault = self._take_fault(endpoint)
         if fault is not None:
             record["fault"] = True
@@ -262,6 +310,10 @@ class Emulator:
                 return Response.json(200, list(self.requests))
             elif route == ("DELETE", "/_emulator/requests"):
                 self.requests.clear()
+            elif route[1] == "/_emulator/stats" and route[0] in ("GET", "DELETE"):
+                if route[0] == "DELETE":
+                    self.stats.reset()
+                return Response.json(200, dataclasses.asdict(self.stats))
             elif route == ("POST", "/_emulator/clock"):
                 self.clock_offset = _offset(_json_body(request))
             elif route != ("GET", "/_emulator/clock"):
