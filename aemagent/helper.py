@@ -6,12 +6,14 @@ plain-token path (`--format token` and `header`) imports only `_socket` and this
 arguments are parsed by hand. The agent's JSON answers (`--format json|headers|env`, errors) are
 decoded by `wire.flat_json` and encoded by `_json_dumps`, so `json` (7.5 ms with the `re` and
 `enum` it imports) is loaded only for an answer outside that simple shape. A test enforces this
-(tests/test_helper.py, STYLE.md practice 8).
+(tests/test_helper.py, STYLE.md practice 8). The commands are the two-line scripts in bin/, which
+the wheel ships as they are: the console-script wrapper older pips write imports `re` (5 to 10 ms;
+tests/test_helper_scripts.py, bench/startup.py).
 
 On success only the requested output goes to stdout, in one write; on failure nothing goes to
 stdout and one line goes to stderr (STYLE.md practice 9). Exit codes are CONTRACT.md's.
 
-git mode (`aem-token get|store|erase`, and the `git-credential-aemagent` console script that
+git mode (`aem-token get|store|erase`, and the `git-credential-aemagent` script that
 `git config credential.helper aemagent` runs) speaks git's credential-helper protocol: key=value
 lines on stdin up to a blank line. What git does with a helper, checked against real git
 (tests/test_git.py): it shows the helper's stderr to the user, ignores its exit status, and USES
