@@ -43,7 +43,7 @@ from aemagent.api import AgentAPI
 from aemagent.clocks import Clock, SystemClock
 from aemagent.config import Config
 from aemagent.errors import AemAgentError
-from aemagent.httpserver import Limits, Request, Response, serve_http
+from aemagent.httpserver import Limits, Request, Response, SocketIO, serve_http
 from aemagent.ims import IMSClient
 from aemagent.sources import ConfigProfiles
 from aemagent.unixsocket import (
@@ -60,6 +60,8 @@ log = logging.getLogger("aemagent.daemon")
 
 # accept() errors that mean "out of resources for now", not "broken": wait and retry.
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# accept() errors about one connection that died before it was accepted: take the next one.
+_ACCEPT_TRANSIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN}
 # Under systemd, STATUS= is re-checked at least this often (a token expiring changes it).
 _STATUS_INTERVAL = 60.0
 
@@ -148,17 +150,18 @@ class _Server:
         self.stop_requested.set()
 
     async def accept_loop(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-        listener = trio.SocketListener(sock)
         with self.accepting:
-            await self._accept_forever(listener, nursery)
+            await self._accept_forever(sock, nursery)
 
-    async def _accept_forever(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    async def _accept_forever(self, sock: trio.socket.SocketType, nursery: trio.Nursery) -> None:
         while True:
             await self._slots.acquire()
             try:
-                stream = await listener.accept()
+                conn, _ = await sock.accept()
             except OSError as exc:
                 self._slots.release()
+                if exc.errno in _ACCEPT_TRANSIENT_ERRNOS:
+                    continue  # that client gave up already
                 if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                     raise
                 log.warning("accept: %s; waiting for connections to close", os.strerror(exc.errno))
@@ -167,18 +170,19 @@ class _Server:
             except BaseException:
                 self._slots.release()
                 raise
-            nursery.start_soon(self._connection, stream)
+            nursery.start_soon(self._connection, conn)
 
-    async def _connection(self, stream: trio.SocketStream) -> None:
+    async def _connection(self, conn: trio.socket.SocketType) -> None:
         try:
-            uid = peer_uid(stream.socket)
+            uid = peer_uid(conn)
             if uid is None or uid not in (self._uid, 0):
                 # Closed without reading a byte: another user gets nothing to talk to.
                 log.warning("refused a connection from uid %s", uid)
                 return
-            await serve_http(stream, self._handle, self.settings.limits)
+            # A bare trio socket, not trio.SocketStream: see httpserver's docstring.
+            await serve_http(SocketIO(conn), self._handle, self.settings.limits)
         finally:
-            await trio.aclose_forcefully(stream)
+            conn.close()
             self._slots.release()
 
     async def _handle(self, request: Request) -> Response:

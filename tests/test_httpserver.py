@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -10,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import h11
 import pytest
 import trio
 import trio.testing
@@ -501,3 +503,101 @@ def test_any_input_gives_http_answers_or_a_close(raw):
         logger.removeHandler(errors)
     assert not errors.records, errors.records[0].getMessage()
     assert set(_parse_all(received)) <= {100, 200, 400, 413}
+
+
+# ---- differential: never more lenient than h11 ----
+
+LINE_ENDS = st.sampled_from([b"\r\n", b"\n"])
+REQUEST_LINES = st.sampled_from(
+    [b"GET /v1/token", b"POST /v1/profiles", b"HEAD /x?a=1", b"DELETE /p%20q", b"GET *", b"G@T /"]
+).flatmap(lambda line: st.sampled_from([line + b" HTTP/1.1", line + b" HTTP/1.0", line]))
+HEADER_LINES = st.sampled_from(
+    [
+        b"Host: aemagent",
+        b"Host: other",
+        b"Host:",
+        b"Accept: text/plain",
+        b"Content-Length: 3",
+        b"Content-Length: 03",
+        b"Content-Length: 3, 3",
+        b"Content-Length: 3, 4",
+        b"Content-Length: -1",
+        b"Transfer-Encoding: chunked",
+        b"Transfer-Encoding: gzip",
+        b"Connection: close",
+        b"Connection: keep-alive",
+        b"Expect: 100-continue",
+        b"X-Tab:\tvalue\t",
+        b"X-Ctl: a\x01b",
+        b"X-Null: a\x00b",
+        b"X-High: caf\xe9",
+        b"Bad Name: x",
+        b"NoColon",
+        b" folded",
+        b": empty name",
+        b"Host : spaced",
+    ]
+)
+BODIES = st.sampled_from([b"", b"abc", b"3\r\nabc\r\n0\r\n\r\n", b"3\nabc\n0\n\n", b"zz\r\n"])
+
+
+@st.composite
+def near_valid_requests(draw: st.DrawFn) -> bytes:
+    end = draw(LINE_ENDS)
+    lines = [draw(REQUEST_LINES), *draw(st.lists(HEADER_LINES, max_size=5))]
+    return end.join(lines) + end + end + draw(BODIES)
+
+
+def _h11_parses(raw: bytes) -> list[tuple[str, str, tuple[tuple[str, str], ...], bytes]]:
+    """The complete requests h11 (a server) reads from `raw` before it stops or objects."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=SMALL.max_head)
+    conn.receive_data(raw)
+    conn.receive_data(b"")
+    done: list[tuple[str, str, tuple[tuple[str, str], ...], bytes]] = []
+    head: tuple[str, str, tuple[tuple[str, str], ...]] = ("", "", ())
+    body = b""
+    with contextlib.suppress(h11.RemoteProtocolError):
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Request):
+                headers = tuple((n.decode(), v.decode("latin-1")) for n, v in event.headers)
+                head, body = (event.method.decode(), event.target.decode(), headers), b""
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                done.append((*head, body))
+                conn.send(h11.Response(status_code=200, headers=[("Content-Length", "0")]))
+                conn.send(h11.EndOfMessage())
+                if conn.our_state is h11.MUST_CLOSE:
+                    break
+                conn.start_next_cycle()
+            else:
+                break
+    return done
+
+
+@settings(max_examples=400, deadline=None)
+@given(raw=st.one_of(near_valid_requests(), HOSTILE))
+def test_every_request_we_serve_h11_reads_the_same(raw):
+    """Our parser replaced h11 in the server (speed: docs/BENCHMARKS.md). Whatever we hand to a
+    handler, h11 reads identically from the same bytes: we may refuse more than h11 (obsolete
+    folding, control bytes, HTTP/2.0, bad percent-encoding), never accept more or differently.
+    The one leniency we add is RFC 9112 2.2's: empty lines before a request line are skipped."""
+    served: list[tuple[str, str, tuple[tuple[str, str], ...], bytes]] = []
+
+    async def record(request: Request) -> Response:
+        served.append((request.method, request.target, request.headers, request.body))
+        return Response(200)
+
+    async def main() -> None:
+        client, server = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_http, server, record, SMALL)
+            await client.send_all(raw)
+            await client.send_eof()
+            while await client.receive_some():
+                pass
+            await client.aclose()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert served == _h11_parses(raw)[: len(served)]
