@@ -12,8 +12,13 @@ once the socket accepts. Under one nursery then run:
 * the signal watcher (SIGTERM/SIGINT stop, SIGHUP reloads);
 * the socket watcher: if the socket file is removed or replaced, another daemon (or a restarted
   systemd socket unit) owns the path now, and we exit 0 so a service manager does not fight it
-  (gpg-agent does the same);
-* under systemd (`$NOTIFY_SOCKET`), the status reporter: `STATUS=` with the profile count.
+  (gpg-agent does the same). It wakes when the socket's directory changes (inotify, on Linux:
+  within milliseconds) and otherwise only on the one-minute grid the agent's timers share
+  (`clocks.on_grid`), the only check where inotify is unavailable (within a minute);
+* under systemd (`$NOTIFY_SOCKET`), the status reporter: `STATUS=` with the profile count,
+  recomputed on that same grid and after requests, at most once a second.
+
+An idle daemon thus wakes once a minute, for every timer at once.
 
 Stopping: `STOPPING=1`, stop accepting, remove the socket (if it is still ours and we bound it:
 an activated socket belongs to systemd), give connections in flight a short grace period, cancel
@@ -40,7 +45,7 @@ import trio
 from aemagent import __version__
 from aemagent.agent import Agent
 from aemagent.api import AgentAPI
-from aemagent.clocks import Clock, SystemClock
+from aemagent.clocks import Clock, SystemClock, on_grid
 from aemagent.config import Config
 from aemagent.errors import AemAgentError
 from aemagent.httpserver import Limits, Request, Response, SocketIO, serve_http
@@ -48,6 +53,7 @@ from aemagent.ims import IMSClient
 from aemagent.sources import ConfigProfiles
 from aemagent.unixsocket import (
     AlreadyRunning,
+    DirectoryWatch,
     LifetimeLock,
     bind_socket,
     ensure_private_dir,
@@ -62,8 +68,9 @@ log = logging.getLogger("aemagent.daemon")
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # accept() errors about one connection that died before it was accepted: take the next one.
 _ACCEPT_TRANSIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EINTR, errno.EAGAIN}
-# Under systemd, STATUS= is re-checked at least this often (a token expiring changes it).
-_STATUS_INTERVAL = 60.0
+# Under systemd, STATUS= is recomputed (O(profiles)) at most once in this many seconds, however
+# many requests ask for it; otherwise on the agent's one-minute grid (a token expiring changes it).
+_STATUS_MIN_GAP = 1.0
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,10 @@ class DaemonSettings:
     max_connections: int = 1024
     # Connections still busy when a stop is asked for get this long to finish.
     shutdown_grace: float = 2.0
-    # How often the daemon checks that its socket file is still its own.
-    watch_interval: float = 5.0
+    # Besides waking on changes in its directory (inotify), the daemon checks that its socket
+    # file is still its own on a grid of this period: the only check where inotify is
+    # unavailable. The agent's wake_interval, so that it costs no wake-up of its own.
+    watch_poll_interval: float = 60.0
     limits: Limits = field(default_factory=Limits)
     # Socket activation: the listening socket systemd bound at `socket_path` (never unlinked).
     listener: socket.socket | None = None
@@ -222,29 +231,62 @@ class _Server:
         return f"{total} profile{'' if total == 1 else 's'}: {counts}"
 
     async def report_status(self) -> None:
-        """Send STATUS= whenever it changes: checked after every request, load and reload, and
-        whenever a profile changes state (its `changed` event: a fetch ended, a timer fired)."""
+        """Send STATUS= whenever it changes, at a cost that does not grow with the traffic.
+
+        The line is recomputed (O(profiles)) after requests, loads and reloads (`_status_due`),
+        but at most once every `_STATUS_MIN_GAP` seconds: a burst of token requests costs one
+        recomputation a second, not one each. While any profile is refreshing, once a second
+        until none is (a fetch ends without a request). Otherwise on the one-minute grid the
+        agent's timers share (a token expiring, a refresh of the timer's own), so an idle
+        daemon does not wake for it at an instant of its own."""
+        period = self.agent.settings.wake_interval
         sent = None
         while True:
+            # A request that ends from here on sets the new event: nothing is missed.
+            self._status_due = trio.Event()
+            computed = trio.current_time()
             line = self.status()
             if line != sent:
                 self.notifier.send(f"STATUS={line}")
                 sent = line
-            events = [self._status_due, *(p.changed for p in self.agent.profiles())]
-            await _first_of(events, _STATUS_INTERVAL)
-            if self._status_due.is_set():
-                self._status_due = trio.Event()
+            deadline = on_grid(computed, period, period)
+            if any(profile.flight is not None for profile in self.agent.profiles()):
+                deadline = min(deadline, computed + _STATUS_MIN_GAP)
+            with trio.move_on_at(deadline):
+                await self._status_due.wait()
+            if trio.current_time() < computed + _STATUS_MIN_GAP:  # else no extra checkpoint
+                await trio.sleep_until(computed + _STATUS_MIN_GAP)
 
     async def watch_socket(self, path: str, ours: tuple[int, int]) -> None:
-        while True:
-            await trio.sleep(self.settings.watch_interval)
-            if identity(path) != ours:
-                log.warning(
-                    "socket %s was removed or replaced: another agent owns it; exiting", path
-                )
-                self.displaced = True
-                self.request_stop()
-                return
+        """Stop, as displaced, once the socket file is no longer ours: removed, or replaced by
+        another agent's or systemd's. Checked whenever its directory changes (inotify: at once)
+        and on the one-minute grid the agent's timers share (the only check without inotify),
+        so an idle daemon never wakes for it at an instant of its own."""
+        period = self.settings.watch_poll_interval
+        with DirectoryWatch(os.path.dirname(path)) as directory:
+            if directory.active:
+                log.debug("watching %s: inotify, and a check every %g s", path, period)
+            else:
+                log.debug("watching %s: a check every %g s (%s)", path, period, directory.method)
+            changed = trio.lowlevel.ParkingLot()
+
+            async def forward_changes() -> None:
+                # Its own task, so the grid's check never cancels (re-arms) the inotify wait.
+                while True:
+                    await directory.changes()
+                    changed.unpark_all()
+
+            async with trio.open_nursery() as nursery:
+                if directory.active:
+                    nursery.start_soon(forward_changes)
+                # At once first: the file may have changed before the watch began.
+                while identity(path) == ours:
+                    with trio.move_on_at(on_grid(trio.current_time(), period, period)):
+                        await changed.park()
+                nursery.cancel_scope.cancel()
+        log.warning("socket %s was removed or replaced: another agent owns it; exiting", path)
+        self.displaced = True
+        self.request_stop()
 
 
 async def serve_agent(
@@ -343,19 +385,6 @@ async def _serve(
             with trio.CancelScope(shield=True):
                 await ims.aclose()
         lock.release()
-
-
-async def _first_of(events: list[trio.Event], seconds: float) -> None:
-    """Return once any of `events` is set, or after `seconds`."""
-    with trio.move_on_after(seconds):
-        async with trio.open_nursery() as nursery:
-
-            async def wait(event: trio.Event) -> None:
-                await event.wait()
-                nursery.cancel_scope.cancel()
-
-            for event in events:
-                nursery.start_soon(wait, event)
 
 
 async def _serve_connections(
