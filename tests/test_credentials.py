@@ -1033,7 +1033,10 @@ def assert_nothing_secret(text: str, raw: Any) -> None:
     """No client secret, key or (for dev tokens) any part of the token in `text`."""
     assert_no_secret(text)
     if isinstance(raw, str) and raw.startswith("{"):
-        raw = json.loads(raw)
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:  # not JSON after all ('{'): then nothing is a token
+            return
     token = raw.get("accessToken") if isinstance(raw, dict) else raw
     if isinstance(token, str) and looks_like_token(token):
         assert_no_token(text, token.strip())
