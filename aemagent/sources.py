@@ -12,6 +12,7 @@ whose credential did not change keeps its token (`Agent.add` sees the same diges
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import subprocess
 
@@ -19,9 +20,9 @@ import trio
 
 from aemagent.agent import Agent
 from aemagent.config import MAX_SOURCE_BYTES, Config, ProfileSource, load_config
-from aemagent.credentials import parse_credential
+from aemagent.credentials import Credential, parse_credential
 from aemagent.errors import AemAgentError, ConfigError, UnavailableError
-from aemagent.profile import Unloaded
+from aemagent.profile import Profile, Unloaded
 
 log = logging.getLogger("aemagent.config")
 
@@ -67,6 +68,14 @@ class ConfigProfiles:
         self._agent = agent
         self.config = config
         self._parsing = trio.Lock()
+        # Which bytes each config profile's credential was parsed from (sha256), and that
+        # credential's digest: a reload whose bytes did not change reuses the live profile's
+        # credential instead of parsing (checking) its RSA key again. Hashes only: a forgotten
+        # credential is never kept alive here.
+        self._parsed_from: dict[str, tuple[str, str]] = {}
+        # During one load(): credentials parsed in it, by the sha256 of their bytes, so that
+        # profiles reading the same file parse it once. Emptied when the load ends.
+        self._this_load: dict[str, Credential] = {}
 
     async def reload(self) -> None:
         """Read the config file again, then load every profile in it."""
@@ -87,12 +96,16 @@ class ConfigProfiles:
 
     async def load(self) -> None:
         wanted = {source.name: source for source in self.config.profiles}
+        self._parsed_from = {n: v for n, v in self._parsed_from.items() if n in wanted}
         for profile in self._agent.profiles():
             if profile.source == "config" and profile.name not in wanted:
                 self._agent.forget(profile.name)
-        async with trio.open_nursery() as nursery:
-            for source in wanted.values():
-                nursery.start_soon(self.load_one, source)
+        try:
+            async with trio.open_nursery() as nursery:
+                for source in wanted.values():
+                    nursery.start_soon(self.load_one, source)
+        finally:
+            self._this_load.clear()
         log.info("config %s: %d profile(s)", self.config.path, len(wanted))
 
     async def load_one(self, source: ProfileSource) -> None:
@@ -105,12 +118,16 @@ class ConfigProfiles:
             return
         try:
             raw = await read_source(source)
+            sha = hashlib.sha256(raw).hexdigest()
             # One parse at a time, with a checkpoint after each: checking an RSA key takes
             # cryptography some 40 ms of CPU under the GIL, and a thousand profiles parsed in
             # one scheduler batch would stall every request for a minute.
             async with self._parsing:
-                credential = parse_credential(raw)
-                await trio.lowlevel.checkpoint()
+                credential = self._known(sha, existing)
+                if credential is None:
+                    credential = parse_credential(raw)
+                    self._this_load[sha] = credential
+                    await trio.lowlevel.checkpoint()
         except AemAgentError as exc:
             log.error("config profile %s (%s): %s", source.name, source.describe(), exc)
             if existing is None or isinstance(existing.credential, Unloaded):
@@ -125,6 +142,21 @@ class ConfigProfiles:
             default=source.default,
             source="config",
         )
+        self._parsed_from[source.name] = (sha, credential.digest)
+
+    def _known(self, sha: str, existing: Profile | None) -> Credential | None:
+        """A credential already parsed from bytes with this sha256: in this load, or the one the
+        profile holds if it was parsed from the very same bytes."""
+        if sha in self._this_load:
+            return self._this_load[sha]
+        if (
+            existing is not None
+            and existing.source == "config"
+            and not isinstance(existing.credential, Unloaded)
+            and self._parsed_from.get(existing.name) == (sha, existing.credential.digest)
+        ):
+            return existing.credential
+        return None
 
     def source(self, name: str) -> ProfileSource | None:
         return next((s for s in self.config.profiles if s.name == name), None)

@@ -235,3 +235,44 @@ def test_save_removes_temporaries_of_killed_saves(tmp_path):
     save_profile(str(path), ProfileSource(name="a", file="/x"))
     assert not dead.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["config.toml", alive.name])
+
+
+async def test_keys_are_parsed_once_per_distinct_bytes_and_not_again_on_reload(
+    tmp_path, monkeypatch
+):
+    """Checking an RSA key costs ~40 ms of CPU. Profiles reading the same bytes parse them once,
+    a reload whose bytes did not change parses nothing, changed bytes are parsed again, and no
+    credential outlives its profile in the cache. Broken: one parse per profile and reload."""
+    import aemagent.sources
+
+    parsed: list[bytes] = []
+    real_parse = aemagent.sources.parse_credential
+
+    def counting_parse(raw):
+        parsed.append(raw)
+        return real_parse(raw)
+
+    monkeypatch.setattr(aemagent.sources, "parse_credential", counting_parse)
+    shared = write_json(tmp_path / "shared.json", service_json(key_pair(0)))
+    own = write_json(tmp_path / "own.json", service_json(key_pair(1)))
+    text = "".join(f'[profiles.s{i}]\nfile = "{shared}"\n' for i in range(5))
+    text += f'[profiles.own]\nfile = "{own}"\n'
+    async with agent_with_config(tmp_path, text) as (agent, profiles, _path, _ims):
+        assert len(parsed) == 2  # five profiles on one file, one on another
+        assert {agent.resolve(f"s{i}").credential for i in range(5)} == {
+            agent.resolve("s0").credential
+        }
+        assert not profiles._this_load  # nothing held once the load is over
+        tokens = {p.name: (await agent.token(name=p.name)).token.reveal() for p in agent.profiles()}
+        await profiles.reload()
+        assert len(parsed) == 2  # unchanged bytes: nothing parsed again
+        assert tokens == {
+            p.name: (await agent.token(name=p.name)).token.reveal() for p in agent.profiles()
+        }
+        write_json(tmp_path / "own.json", service_json(key_pair(2)))
+        await profiles.reload()
+        assert len(parsed) == 3  # the changed file only
+        agent.forget("s3")  # by hand: the next reload brings it back, parsed anew
+        await profiles.reload()
+        assert len(parsed) == 4
+        assert agent.resolve("s3").credential.digest == agent.resolve("s0").credential.digest
