@@ -142,10 +142,12 @@ def start_agent(
     *extra: str,
     log_name: str = "agent.log",
     timeout: float = STEP_TIMEOUT,
+    under: tuple[str, ...] = (),
 ) -> Agent:
-    """`aemagent serve` on env's AEMAGENT_SOCK, once /v1/health answers."""
+    """`aemagent serve` on env's AEMAGENT_SOCK (run `under` a tool such as strace, if given),
+    once /v1/health answers; the Agent's pid is the daemon's own."""
     sock = env["AEMAGENT_SOCK"]
-    argv = [str(BIN / "aemagent"), "serve", "--socket", sock, *extra]
+    argv = [*under, str(BIN / "aemagent"), "serve", "--socket", sock, *extra]
     log = tmp / log_name
     proc = stack.enter_context(started(argv, env, log))
     deadline = time.monotonic() + timeout

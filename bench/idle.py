@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -23,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import (
-    BIN,
     STEP_TIMEOUT,
     Agent,
     BenchError,
@@ -33,13 +31,10 @@ from common import (
     cli,
     context_switches,
     cpu_seconds,
-    http_over_unix,
     say,
     start_agent,
     start_emulator,
-    started,
     table,
-    tail,
 )
 
 TITLE = "Idle cost: CPU time and wake-ups of an idle daemon"
@@ -121,23 +116,14 @@ def _start_traced(ctx: Context) -> Traced:
     """A 10-profile agent started under `strace -f -ttt` (attaching later would need root: the
     daemon makes itself non-dumpable)."""
     env = child_env(ctx.tmp, str(ctx.fresh_dir("t") / "s"))
-    sock, trace = env["AEMAGENT_SOCK"], ctx.tmp / "strace.out"
-    argv = ["strace", "-f", "-ttt", "-o", str(trace), str(BIN / "aemagent"), "serve"]
-    log = ctx.tmp / "agent-traced.log"
-    proc = ctx.stack.enter_context(started([*argv, "--socket", sock], env, log))
-    deadline = time.monotonic() + STEP_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"strace or the traced agent exited: {tail(log)}")
-        with contextlib.suppress(OSError):
-            _, body = http_over_unix(sock, b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
-            traced = Traced(trace, env, json.loads(body)["pid"], proc)
-            # Unwound before `started` stops strace: the agent stops cleanly, not by whatever
-            # strace does to its child when it is terminated.
-            ctx.stack.callback(traced.stop)
-            return traced
-        time.sleep(0.05)
-    raise BenchError(f"no traced agent answered on {sock}: {tail(log)}")
+    trace = ctx.tmp / "strace.out"
+    under = ("strace", "-f", "-ttt", "-o", str(trace))
+    agent = start_agent(ctx.stack, ctx.tmp, env, log_name="agent-traced.log", under=under)
+    traced = Traced(trace, env, agent.pid, agent.proc)
+    # Unwound before `started` stops strace: the agent stops cleanly, not by whatever strace
+    # does to its child when it is terminated.
+    ctx.stack.callback(traced.stop)
+    return traced
 
 
 # `PID SECONDS.MICROS name(args) = result`, or `... <... name resumed> ...` for the second half
