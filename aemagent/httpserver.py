@@ -56,7 +56,9 @@ _SERVER = f"aemagent/{__version__}"
 # obs-text, SP and HTAB (RFC 9110 5.5).
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([!-~]+) HTTP/(1\.[01])")
-_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*(.*?)[ \t]*")
+# The value is stripped with bytes.strip, not in the pattern: `[ \t]*(.*?)[ \t]*` backtracks
+# quadratically over a run of blanks inside a value (0.8 s for one 16 KiB line).
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):(.*)")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})[ \t]*(?:;[^\r\n]*)?")
@@ -307,9 +309,8 @@ class _Connection:
                 if line[:1] in (b" ", b"\t"):
                     raise _bad_request("malformed HTTP request: obsolete line folding")
                 raise _bad_request("malformed HTTP request: bad header line")
-            headers.append(
-                (field_match[1].decode("ascii").lower(), field_match[2].decode("latin-1"))
-            )
+            value = field_match[2].strip(b" \t")
+            headers.append((field_match[1].decode("ascii").lower(), value.decode("latin-1")))
         return self._check_head(method, target_raw, version, tuple(headers))
 
     def _check_head(

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import re
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,7 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aemagent import __version__
-from aemagent.httpserver import DropConnection, Limits, Request, Response, serve_http
+from aemagent.httpserver import (
+    DropConnection,
+    Limits,
+    Request,
+    Response,
+    _Connection,
+    serve_http,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -601,3 +609,16 @@ def test_every_request_we_serve_h11_reads_the_same(raw):
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert served == _h11_parses(raw)[: len(served)]
+
+
+def test_a_header_value_with_a_long_run_of_blanks_parses_in_linear_time():
+    """A pattern that stripped a value's blanks itself backtracked quadratically: one 16 KiB line
+    took 0.8 s of CPU, a way to stall the daemon. Linear parsing does this 256 KiB head in
+    milliseconds; the bound only catches the quadratic case (minutes)."""
+    limits = Limits(max_head=1 << 20)
+    head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Blank: a" + b" " * (256 * 1024) + b"b\r\nX-T: \t1\t"
+    start = time.perf_counter()
+    parsed = _Connection(trio.testing.memory_stream_pair()[1], limits)._parse_head(head)
+    assert time.perf_counter() - start < 5
+    assert parsed.request.header("x-blank") == "a" + " " * (256 * 1024) + "b"
+    assert parsed.request.header("x-t") == "1"
