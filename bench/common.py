@@ -253,13 +253,15 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def pin(pid: int, cpu: int) -> bool:
-    """Pin a process (all its threads) to one CPU where the machine has more than one."""
+def pin(pid: int, cpu: int | None) -> bool:
+    """Pin a process (all its threads; 0 is this one) to one CPU where the machine has more than
+    one; `cpu` None unpins it (every CPU)."""
     if (os.cpu_count() or 1) < 2 or not hasattr(os, "sched_setaffinity"):
         return False
-    for task in os.listdir(f"/proc/{pid}/task"):
+    cpus = set(range(os.cpu_count() or 1)) if cpu is None else {cpu}
+    for task in os.listdir(f"/proc/{pid or os.getpid()}/task"):
         with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(task), {cpu})
+            os.sched_setaffinity(int(task), cpus)
     return True
 
 

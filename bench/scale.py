@@ -38,6 +38,7 @@ from common import (
     memory,
     mib,
     ms,
+    pin,
     ratio,
     start_agent,
     start_emulator,
@@ -194,7 +195,19 @@ def requests_for(n: int) -> dict[str, bytes]:
 
 
 def latency(base: Agent, big: Agent, n: int, total: int, block: int) -> dict:
-    """Alternating blocks on the 1-profile and the N-profile agent; every time, per side."""
+    """Alternating blocks on the 1-profile and the N-profile agent; every time, per side. Both
+    agents are pinned to CPU 0 and this process to CPU 1 meanwhile: left to the scheduler, one
+    agent may share the client's CPU and the other not, which alone made a side 20 % slower."""
+    pinned = pin(base.pid, 0) and pin(big.pid, 0) and pin(0, 1)
+    try:
+        return _latency(base, big, n, total, block)
+    finally:
+        if pinned:
+            for pid in (base.pid, big.pid, 0):
+                pin(pid, None)
+
+
+def _latency(base: Agent, big: Agent, n: int, total: int, block: int) -> dict:
     sides = {"base": (base, requests_for(1)), "big": (big, requests_for(n))}
     times: dict[str, dict[str, list[float]]] = {s: {"name": [], "url": []} for s in sides}
     plan = [(side, kind) for kind in ("name", "url") for side in ("base", "big")]
@@ -390,7 +403,9 @@ def render(result: dict) -> str:
         " lifetime plus up to 5 % jitter left), and the most of them due within any 60 s."
         f" Latency: {result['requests']} requests per cell, each on a new connection, in blocks"
         f" of {result['block']} alternating between the N-profile agent and the 1-profile agent"
-        " (kept running for this), by name and by URL of a profile in the middle of the N."
+        " (kept running for this), by name and by URL of a profile in the middle of the N,"
+        " with both agents pinned to CPU 0 and the client to CPU 1 (left to the scheduler, one"
+        " agent may share the client's CPU and the other not: a 20 % difference of its own)."
     )
     keys = result["keys"]
     probes = keys["probes"]
