@@ -110,10 +110,17 @@ def _demo(keep: bool) -> int:
     workdir = tempfile.mkdtemp(prefix="aemagent-demo-")
     sock = os.path.join(workdir, "agent", "agent.sock")
     creds = os.path.join(workdir, "credentials")
-    env = {**os.environ, "AEMAGENT_SOCK": sock}
-    env.pop("AEMAGENT_PROFILE", None)
+    # The demo's programs see none of the user's aemagent settings: not their socket, not their
+    # config file (its default profile would answer instead of the demo's credential, and its
+    # `command`s would run), not their $AEMAGENT_PROFILE.
+    config = os.path.join(workdir, "config.toml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AEMAGENT_")}
+    env.update(AEMAGENT_SOCK=sock, AEMAGENT_CONFIG=config)
     print(f"aemagent demo: everything below runs on this machine, in {workdir}")
     try:
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # whatever the umask
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("# aemagent demo: an empty config file, so that the user's is not read\n")
         _show(f"aemagent emulator --port 0 --write-credentials {creds} &")
         with _process(
             _aemagent("emulator", "--port", "0", "--write-credentials", creds),
