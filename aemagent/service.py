@@ -27,7 +27,10 @@ from aemagent.errors import AemAgentError
 
 SOCKET_UNIT = "aemagent.socket"
 SERVICE_UNIT = "aemagent.service"
-LAUNCHD_LABEL = "aemagent"
+# launchd's convention is a reverse-DNS label, which also names the plist. The label before it,
+# plain "aemagent", is still recognised by `service install` and `uninstall` (LEGACY_*).
+LAUNCHD_LABEL = "io.github.aemagent"
+LEGACY_LAUNCHD_LABEL = "aemagent"
 # launchd starts a job with a soft open-files limit of 256; the daemon serves 1024 connections.
 LAUNCHD_OPEN_FILES = 4096
 # What the shipped templates in systemd/ and launchd/ run: where pipx and `pip install --user` put
@@ -141,6 +144,10 @@ class Plan:
     argv: tuple[str, ...]
     enable: tuple[str, ...]  # commands to run after installing
     disable: tuple[str, ...]  # commands to run before (systemd) or after (launchd) uninstalling
+    # A file an earlier aemagent wrote under another name (the launchd plist before its
+    # reverse-DNS label), and the command that unloads its job: replaced by `files`.
+    legacy: tuple[ServiceFile, ...] = ()
+    legacy_disable: tuple[str, ...] = ()
 
 
 def agent_argv() -> list[str]:
@@ -220,12 +227,12 @@ def _enabled_links(directory: str) -> list[str]:
 # ---- launchd
 
 
-def launchd_plist(argv: Sequence[str], home: str) -> bytes:
+def launchd_plist(argv: Sequence[str], home: str, label: str = LAUNCHD_LABEL) -> bytes:
     import plistlib
 
     log = os.path.join(home, "Library", "Logs", "aemagent.log")
     job = {
-        "Label": LAUNCHD_LABEL,
+        "Label": label,
         "ProgramArguments": [*argv, "serve"],
         "RunAtLoad": True,
         # Restart after a crash, not after a clean exit (`aemagent stop`, or displaced by
@@ -244,6 +251,7 @@ def launchd_plist(argv: Sequence[str], home: str) -> bytes:
 def launchd_plan(environ: Mapping[str, str], argv: Sequence[str], uid: int | None = None) -> Plan:
     home = _home(environ)
     path = os.path.join(home, "Library", "LaunchAgents", f"{LAUNCHD_LABEL}.plist")
+    legacy = os.path.join(home, "Library", "LaunchAgents", f"{LEGACY_LAUNCHD_LABEL}.plist")
     domain = f"gui/{os.getuid() if uid is None else uid}"
     return Plan(
         "launchd",
@@ -251,6 +259,8 @@ def launchd_plan(environ: Mapping[str, str], argv: Sequence[str], uid: int | Non
         (*argv, "serve"),
         enable=(f"launchctl bootstrap {domain} {shlex.quote(path)}",),
         disable=(f"launchctl bootout {domain}/{LAUNCHD_LABEL}",),
+        legacy=(ServiceFile(legacy, launchd_plist(argv, home, LEGACY_LAUNCHD_LABEL)),),
+        legacy_disable=(f"launchctl bootout {domain}/{LEGACY_LAUNCHD_LABEL}",),
     )
 
 
@@ -331,6 +341,37 @@ def _changed(plan: Plan, *, force: bool, doing: str) -> None:
         )
 
 
+def _legacy_present(plan: Plan, *, force: bool) -> tuple[list[str], list[str]]:
+    """The plan's legacy files that exist: (ours, or any with `force`), (others)."""
+    ours, others = [], []
+    for f in plan.legacy:
+        current = _current(f.path)
+        if current is None:
+            continue
+        (ours if force or _same_plist(current, f.content) else others).append(f.path)
+    return ours, others
+
+
+def _same_plist(current: bytes, expected: bytes) -> bool:
+    """The same job, whatever the comments and layout (an older aemagent's may differ)."""
+    import plistlib
+
+    try:
+        return bool(plistlib.loads(current) == plistlib.loads(expected))
+    except Exception:  # not a plist at all: not ours
+        return False
+
+
+def _remove(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise AemAgentError(f"cannot remove {path}: {exc.strerror}") from None
+    return True
+
+
 def install(plan: Plan, *, force: bool = False) -> list[str]:
     """Write the plan's files; the lines to print (what happened, and how to enable it)."""
     _changed(plan, force=force, doing="overwriting")
@@ -341,6 +382,12 @@ def install(plan: Plan, *, force: bool = False) -> list[str]:
         else:
             _write(f.path, f.content)
             lines.append(f"wrote {f.path}")
+    # The same agent under its old name would run beside the new one from the next login on.
+    ours, others = _legacy_present(plan, force=force)
+    lines += [
+        f"removed {path} (the same agent under its old name)" for path in ours if _remove(path)
+    ]
+    lines += [f"left {path}: not what this aemagent wrote (--force removes it)" for path in others]
     lines.append(f"the agent will run as: {shlex.join(plan.argv)}")
     if plan.manager == "systemd":
         lines.append("to start it now and at every login (on first use, through the socket):")
@@ -348,12 +395,13 @@ def install(plan: Plan, *, force: bool = False) -> list[str]:
         lines.append("to start it now and at every login:")
     lines += [f"  {command}" for command in plan.enable]
     if plan.manager == "launchd":
-        lines.append(f"  (if an older one is loaded, first: {plan.disable[0]})")
+        older = " and ".join((plan.disable[0], *plan.legacy_disable))
+        lines.append(f"  (if an older one is loaded, first: {older})")
     return lines
 
 
 def uninstall(plan: Plan, *, force: bool = False) -> list[str]:
-    """Remove the plan's files (ours only); the lines to print."""
+    """Remove the plan's files (ours only), and a legacy file if ours; the lines to print."""
     lines = []
     links: list[str] = []
     if plan.manager == "systemd":
@@ -364,15 +412,15 @@ def uninstall(plan: Plan, *, force: bool = False) -> list[str]:
                 f" `{plan.disable[0]}`, or pass --force"
             )
     _changed(plan, force=force, doing="removing")
+    ours, others = _legacy_present(plan, force=force)
     for path in [*links, *(f.path for f in plan.files)]:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
+        if _remove(path):
+            lines.append(f"removed {path}")
+        else:
             lines.append(f"not installed: {path}")
-            continue
-        except OSError as exc:
-            raise AemAgentError(f"cannot remove {path}: {exc.strerror}") from None
-        lines.append(f"removed {path}")
+    legacy_removed = [path for path in ours if _remove(path)]
+    lines += [f"removed {path} (the same agent under its old name)" for path in legacy_removed]
+    lines += [f"left {path}: not what this aemagent wrote (--force removes it)" for path in others]
     if plan.manager == "systemd":
         if links:
             units = f"{SOCKET_UNIT} {SERVICE_UNIT}"
@@ -380,4 +428,6 @@ def uninstall(plan: Plan, *, force: bool = False) -> list[str]:
         lines.append("then: systemctl --user daemon-reload")
     else:
         lines.append(f"to stop the running agent: {plan.disable[0]}")
+        if legacy_removed:
+            lines.append(f"  (one started under the old name: {plan.legacy_disable[0]})")
     return lines

@@ -90,11 +90,12 @@ def test_the_shipped_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 def test_the_shipped_plist_has_launchds_keys_and_types() -> None:
-    _check_plist(plistlib.loads((ROOT / "launchd" / "aemagent.plist").read_bytes()), "/Users/YOU")
+    shipped = ROOT / "launchd" / "io.github.aemagent.plist"
+    _check_plist(plistlib.loads(shipped.read_bytes()), "/Users/YOU")
 
 
 def _check_plist(job: dict[str, object], home: str) -> None:
-    assert job["Label"] == "aemagent"
+    assert job["Label"] == "io.github.aemagent"  # launchd's reverse-DNS convention
     argv = job["ProgramArguments"]
     assert isinstance(argv, list)
     assert all(isinstance(a, str) for a in argv)
@@ -243,7 +244,7 @@ def test_install_launchd_writes_a_plist_for_this_user(tmp_path: Path) -> None:
     home = env["HOME"]
     done = _service(env, "install", "--launchd")
     assert done.returncode == 0, done.stderr
-    path = Path(home) / "Library" / "LaunchAgents" / "aemagent.plist"
+    path = Path(home) / "Library" / "LaunchAgents" / "io.github.aemagent.plist"
     job = plistlib.loads(path.read_bytes())
     _check_plist(job, home)
     assert job["ProgramArguments"] == [sys.executable, "-P", "-m", "aemagent", "serve"]
@@ -252,7 +253,53 @@ def test_install_launchd_writes_a_plist_for_this_user(tmp_path: Path) -> None:
     removed = _service(env, "uninstall", "--launchd")
     assert removed.returncode == 0, removed.stderr
     assert not path.exists()
-    assert f"launchctl bootout gui/{os.getuid()}/aemagent" in removed.stdout
+    assert f"launchctl bootout gui/{os.getuid()}/io.github.aemagent" in removed.stdout
+
+
+def _legacy_plist(env: dict[str, str], **changes: object) -> Path:
+    """The plist an earlier aemagent wrote, under the label "aemagent", as plistlib lays it out
+    (not byte for byte what we write: an older version's comment may differ)."""
+    home = env["HOME"]
+    job = plistlib.loads(service.launchd_plist(service.agent_argv(), home, "aemagent"))
+    job.update(changes)
+    path = Path(home) / "Library" / "LaunchAgents" / "aemagent.plist"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(plistlib.dumps(job))
+    return path
+
+
+def test_the_plist_under_the_old_label_is_replaced_by_install_and_removed_by_uninstall(
+    tmp_path: Path,
+) -> None:
+    """Ours (the same job): install replaces it, uninstall removes it, and each says how to
+    unload the old job. Another (edited) stays without --force.
+
+    Broken: without the legacy file in launchd_plan, the old plist stays beside the new one
+    and launchd starts both at the next login."""
+    env = _home(tmp_path)
+    domain = f"gui/{os.getuid()}"
+    legacy = _legacy_plist(env)
+    done = _service(env, "install", "--launchd")
+    assert done.returncode == 0, done.stderr
+    assert f"removed {legacy} (the same agent under its old name)" in done.stdout
+    assert f"launchctl bootout {domain}/aemagent" in done.stdout
+    assert not legacy.exists()
+
+    legacy = _legacy_plist(env)
+    removed = _service(env, "uninstall", "--launchd")
+    assert removed.returncode == 0, removed.stderr
+    assert f"removed {legacy} (the same agent under its old name)" in removed.stdout
+    assert f"launchctl bootout {domain}/aemagent)" in removed.stdout
+    assert not legacy.exists()
+
+    edited = _legacy_plist(env, RunAtLoad=False)
+    kept = _service(env, "uninstall", "--launchd")
+    assert kept.returncode == 0, kept.stderr
+    assert f"left {edited}: not what this aemagent wrote" in kept.stdout
+    assert edited.exists()
+    forced = _service(env, "uninstall", "--launchd", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert not edited.exists()
 
 
 # ---- MemoryDenyWriteExecute= and the real daemon
