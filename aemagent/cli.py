@@ -8,11 +8,13 @@ Management commands talk to the daemon over its socket with the same stdlib clie
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from aemagent import __version__
@@ -29,6 +31,8 @@ _START_TIMEOUT = 15.0
 _STOP_TIMEOUT = 10.0
 # Requests that may wait for IMS (the daemon answers within ~20 s) get this read timeout.
 _IMS_READ_TIMEOUT = 35.0
+# After this long without IMS's answer, `add` says it is waiting (on a terminal only).
+_WAITING_NOTE_AFTER = 1.0
 
 
 class CLIError(Exception):
@@ -205,9 +209,10 @@ def cmd_add(args: argparse.Namespace) -> int:
     name = profile["name"]
     what = f"{profile['kind']} credential, client id {profile.get('client_id')}"
     try:
-        token = call(
-            args, "GET", f"/v1/token?profile={quote(name)}", read_timeout=_IMS_READ_TIMEOUT
-        )
+        with _waiting_note("waiting for IMS…"):
+            token = call(
+                args, "GET", f"/v1/token?profile={quote(name)}", read_timeout=_IMS_READ_TIMEOUT
+            )
     except CLIError as exc:
         if exc.code != EXIT_NO_TOKEN:
             raise
@@ -218,6 +223,27 @@ def cmd_add(args: argparse.Namespace) -> int:
     if args.save:
         save_to_config(args, name)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _waiting_note(note: str, after: float = _WAITING_NOTE_AFTER) -> Iterator[None]:
+    """Say `note` on stderr if the block takes longer than `after`, when stderr is a terminal.
+
+    Scripts (stderr not a terminal) see exactly the output they saw before.
+    """
+    if not sys.stderr.isatty():
+        yield
+        return
+    import threading
+
+    timer = threading.Timer(after, lambda: print(f"aemagent: {note}", file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()
 
 
 def save_to_config(args: argparse.Namespace, name: str) -> None:
@@ -241,9 +267,11 @@ def read_credential(source: str) -> Any:
     """The credential from a file or stdin: a JSON object, or a bare string (a token)."""
     if source == "-":
         if sys.stdin.isatty():
-            raise CLIError("paste the credential, then press Ctrl-D (or give a FILE)", EXIT_USAGE)
-        data = sys.stdin.buffer.read(_MAX_CREDENTIAL_BYTES + 1)
-        label = "standard input"
+            data = read_from_terminal(sys.stdin.fileno())
+            label = "the pasted text"
+        else:
+            data = sys.stdin.buffer.read(_MAX_CREDENTIAL_BYTES + 1)
+            label = "standard input"
     else:
         try:
             with open(source, "rb") as f:
@@ -278,6 +306,60 @@ def read_credential(source: str) -> Any:
                 EXIT_USAGE,
             ) from None
     return stripped
+
+
+def read_from_terminal(fd: int) -> bytes:
+    """A credential pasted at the terminal, not echoed (it would stay on the screen).
+
+    The terminal is put in non-canonical mode without echo, so a one-line JSON document longer
+    than the tty's 4 KiB line buffer is not cut short. Input ends at Ctrl-D, or as soon as it is
+    a complete JSON document or one line of a bare token. Ctrl-C still interrupts (ISIG stays
+    on); the terminal's settings are restored on every path.
+    """
+    import termios
+
+    saved = termios.tcgetattr(fd)
+    quiet = termios.tcgetattr(fd)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)
+    quiet[6][termios.VMIN], quiet[6][termios.VTIME] = 1, 0
+    data = bytearray()
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        print(
+            "aemagent: paste the credential (it is not shown), then press Ctrl-D",
+            file=sys.stderr,
+            flush=True,
+        )
+        while len(data) <= _MAX_CREDENTIAL_BYTES:
+            chunk = os.read(fd, 65536)
+            end = chunk.find(b"\x04")  # Ctrl-D: the terminal does not turn it into EOF now
+            if end >= 0:
+                chunk = chunk[:end]
+            for byte in chunk:
+                if byte in (0x08, 0x7F):  # backspace: the line editing canonical mode would do
+                    del data[-1:]
+                else:
+                    data.append(byte)
+            if end >= 0 or not chunk or _complete(bytes(data)):
+                break
+    finally:
+        # TCSAFLUSH: the rest of a paste (a trailing newline) must not reach the shell's prompt.
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+    return bytes(data)
+
+
+def _complete(data: bytes) -> bool:
+    """Whether pasted text is whole: a JSON document that parses, or one line of a token."""
+    text = data.decode("utf-8", "replace").strip()
+    if not text:
+        return False
+    if text.startswith(("{", "[")):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError:
+            return False
+        return True
+    return data.rstrip(b" \t").endswith((b"\n", b"\r"))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

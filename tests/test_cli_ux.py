@@ -8,11 +8,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pty
 import select
 import signal
 import subprocess
-import sys
 import termios
 import time
 from collections.abc import Iterator
@@ -38,7 +36,7 @@ def test_demo_ignores_the_users_config_and_profile(tmp_path, ims):
     # read this file, its aem-token would pick this profile and the demo's AEM stand-in say 401.
     (confdir / "config.toml").write_text(
         "[profiles.mine]\n"
-        f"command = \"touch {marker}; cat {ims.credentials['oauth']}\"\n"
+        f'command = "touch {marker}; cat {ims.credentials["oauth"]}"\n'
         "default = true\n"
     )
     os.chmod(confdir / "config.toml", 0o600)
@@ -55,3 +53,129 @@ def test_demo_ignores_the_users_config_and_profile(tmp_path, ims):
     assert "demo OK" in done.stdout
     assert not marker.exists()  # the user's `command` did not run
     assert list(tmp.iterdir()) == []
+
+
+# ---- 2. pasting a credential at a terminal; 6. a slow IMS at a terminal
+
+
+class Terminal:
+    """A child process whose stdin and stderr are a pty (stdout a pipe), as at a terminal."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.master, self.slave = os.openpty()
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=self.slave,
+            stdout=subprocess.PIPE,
+            stderr=self.slave,
+            env=env,
+            start_new_session=True,
+        )
+        self.screen = b""
+
+    def wait_for(self, text: bytes, timeout: float = procs.STEP_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.screen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{text!r} never appeared; the screen shows {self.screen!r}"
+            ready, _, _ = select.select([self.master], [], [], left)
+            if ready:
+                try:
+                    self.screen += os.read(self.master, 65536)
+                except OSError:  # EIO: the child is gone and closed the pty
+                    assert text in self.screen, self.screen
+                    return
+
+    def type(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:  # the tty takes 4 KiB at a time, as its reader drains it
+            view = view[os.write(self.master, view) :]
+
+    def echo_is_on(self) -> bool:
+        return bool(termios.tcgetattr(self.slave)[3] & termios.ECHO)
+
+    def finish(self) -> tuple[int, str]:
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read().decode()
+        code = self.proc.wait(timeout=procs.STEP_TIMEOUT)
+        with contextlib.suppress(OSError):
+            while select.select([self.master], [], [], 0)[0]:
+                chunk = os.read(self.master, 65536)
+                if not chunk:
+                    break
+                self.screen += chunk
+        return code, out
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+@contextlib.contextmanager
+def terminal(argv: list[str], env: dict[str, str]) -> Iterator[Terminal]:
+    term = Terminal(argv, env)
+    try:
+        yield term
+    finally:
+        term.close()
+
+
+def test_add_reads_a_pasted_credential_without_echo(agent, ims):
+    credential = Path(ims.credentials["service"]).read_bytes()
+    secret = json.loads(credential)
+    secret = (secret.get("integration") or secret)["technicalAccount"]["clientSecret"]
+    # One line longer than the tty's 4 KiB canonical line buffer, which would cut it short.
+    one_line = b"{" + b" " * 5000 + json.dumps(json.loads(credential)).encode()[1:]
+    with terminal(procs.aemagent("add"), agent.env) as term:
+        assert term.echo_is_on()
+        term.wait_for(b"then press Ctrl-D")
+        assert not term.echo_is_on()
+        term.type(one_line + b"\n")  # complete JSON: no Ctrl-D needed
+        code, out = term.finish()
+        assert term.echo_is_on()  # restored
+    assert code == 0, term.screen
+    assert out.startswith("added profile p12345-e67890 ")
+    assert secret.encode() not in term.screen  # never echoed
+
+
+def test_add_at_a_terminal_takes_a_bare_token_line_and_ctrl_d(agent, ims):
+    with terminal(procs.aemagent("add"), agent.env) as term:
+        term.wait_for(b"then press Ctrl-D")
+        term.type(b"\x04")  # Ctrl-D at once: nothing pasted
+        code, out = term.finish()
+        assert term.echo_is_on()
+    assert code == cli.EXIT_USAGE
+    assert out == ""
+    assert b"the pasted text is empty" in term.screen
+
+
+def test_ctrl_c_while_pasting_restores_the_terminal(agent):
+    with terminal(procs.aemagent("add"), agent.env) as term:
+        term.wait_for(b"then press Ctrl-D")
+        assert not term.echo_is_on()
+        term.type(b'{"half": ')
+        term.proc.send_signal(signal.SIGINT)  # what the terminal sends for Ctrl-C
+        code, out = term.finish()
+        assert term.echo_is_on()
+    assert code == 130
+    assert out == ""
+    assert b"Traceback" not in term.screen
+    assert agent.cli("status", "--json").stdout.count('"name"') == 0
+
+
+def test_add_says_it_waits_for_a_slow_ims_at_a_terminal_only(agent, ims):
+    ims.fault(endpoint="jwt", delay=60)  # answered long after we look
+    with terminal(procs.aemagent("add", ims.credentials["service"]), agent.env) as term:
+        term.wait_for(b"aemagent: waiting for IMS\xe2\x80\xa6")
+        term.proc.terminate()
+    ims.clear()
+    # Not a terminal: the output is what scripts always saw, even while IMS is slow.
+    ims.fault(endpoint="jwt", delay=2)
+    done = agent.cli("add", ims.credentials["service"], "--name", "scripted")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
