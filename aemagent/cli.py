@@ -31,6 +31,8 @@ _START_TIMEOUT = 15.0
 _STOP_TIMEOUT = 10.0
 # Requests that may wait for IMS (the daemon answers within ~20 s) get this read timeout.
 _IMS_READ_TIMEOUT = 35.0
+# A reload may run every profile's `command` (each with its own timeout, 30 s by default).
+_RELOAD_READ_TIMEOUT = 120.0
 # After this long without IMS's answer, `add` says it is waiting (on a terminal only).
 _WAITING_NOTE_AFTER = 1.0
 
@@ -151,16 +153,59 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
+    """`POST /v1/reload`, which says what loaded; SIGHUP for an agent older than that endpoint."""
+    path = socket_path(args.socket)
+    try:
+        reply = request(
+            path,
+            "POST",
+            "/v1/reload",
+            body=b"{}",
+            headers=[("Accept", "application/json"), ("Content-Type", "application/json")],
+            read_timeout=_RELOAD_READ_TIMEOUT,
+        )
+    except AgentUnreachable as exc:
+        raise CLIError(f"{exc}; {exc.advice}", EXIT_NO_AGENT) from None
+    except WireError as exc:
+        raise CLIError(f"bad answer from the agent at {path}: {exc}") from None
+    if reply.status in (404, 405):  # an agent from before POST /v1/reload
+        return _reload_by_signal(path)
+    answer = _decode(reply)
+    if not isinstance(answer, dict) or not isinstance(answer.get("profiles"), list):
+        raise CLIError("the agent's answer to the reload is not understood")
+    from aemagent.launch import agent_pid
+
+    print(reload_summary(answer, agent_pid(path)))
+    return EXIT_OK
+
+
+def reload_summary(answer: dict[str, Any], pid: int | None = None) -> str:
+    """'the agent (pid 7) reloaded its config file: 2 profiles (a, b); not loaded: c: why'."""
+    names = [str(n) for n in answer.get("profiles", [])]
+    unloaded = answer.get("unloaded") or {}
+    who = "the agent" if pid is None else f"the agent (pid {pid})"
+    line = f"{who} reloaded its config file: {len(names)} profile{'' if len(names) == 1 else 's'}"
+    if names:
+        line += f" ({', '.join(names)})"
+    if isinstance(unloaded, dict) and unloaded:
+        why = "; ".join(f"{name}: {reason}" for name, reason in unloaded.items())
+        line += f"; not loaded: {why}"
+    return line
+
+
+def _reload_by_signal(path: str) -> int:
     import signal
 
     from aemagent.launch import agent_pid
 
-    path = socket_path(args.socket)
     pid = agent_pid(path)
     if pid is None:
         raise CLIError(f"no agent answers on {path}; start it with `aemagent start`", EXIT_NO_AGENT)
     os.kill(pid, signal.SIGHUP)
-    print(f"asked the agent (pid {pid}) to reload its config file")
+    print(
+        f"asked the agent (pid {pid}) to reload its config file; it is an older version that"
+        " does not say how that went: see `aemagent status`"
+    )
     return EXIT_OK
 
 
@@ -567,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser(
-        "reload", parents=[socket_opt], help="re-read the config file (sends the agent SIGHUP)"
+        "reload", parents=[socket_opt], help="re-read the config file and say what loaded"
     )
     p.set_defaults(func=cmd_reload)
 

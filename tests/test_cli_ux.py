@@ -11,11 +11,13 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import fakeagent
 import procs
 import pytest
 
@@ -179,3 +181,107 @@ def test_add_says_it_waits_for_a_slow_ims_at_a_terminal_only(agent, ims):
     done = agent.cli("add", ims.credentials["service"], "--name", "scripted")
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
+
+
+# ---- 3. reload says how it went
+
+
+def _reload_endpoint_exists() -> bool:
+    from aemagent import api
+
+    return isinstance(api.route("POST", "/v1/reload"), tuple)
+
+
+@contextlib.contextmanager
+def fake_agent(answers: dict[str, fakeagent.Canned]) -> Iterator[fakeagent.FakeAgent]:
+    """A fake agent answering `answers[path]` (404 for any other path)."""
+
+    def answer(request: fakeagent.Recorded) -> fakeagent.Canned:
+        path = request.target.partition("?")[0]
+        return answers.get(path) or fakeagent.error(404, "not_found", f"no such endpoint: {path}")
+
+    with (
+        fakeagent.short_socket_dir() as directory,
+        fakeagent.FakeAgent(directory + "/agent.sock", answer) as fake,
+    ):
+        yield fake
+
+
+@contextlib.contextmanager
+def hup_catcher() -> Iterator[subprocess.Popen[str]]:
+    """A process standing in for an older agent's PID: it prints HUP when it gets SIGHUP."""
+    code = (
+        "import signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP});"
+        " print('ready', flush=True); signal.sigwait({signal.SIGHUP}); print('HUP', flush=True)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_reload_prints_what_the_agent_loaded():
+    answer = {"reloaded": True, "profiles": ["one", "two"], "unloaded": {"three": "vault locked"}}
+    health = {"status": "ok", "version": "x", "pid": 4242}
+    routes = {"/v1/reload": fakeagent.json_answer(200, answer)}
+    routes["/v1/health"] = fakeagent.json_answer(200, health)
+    with fake_agent(routes) as fake:
+        done = procs.run(procs.aemagent("reload"), procs.base_env(fake.path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        "the agent (pid 4242) reloaded its config file: 2 profiles (one, two);"
+        " not loaded: three: vault locked\n"
+    )
+    assert [r.method for r in fake.requests if r.target == "/v1/reload"] == ["POST"]
+
+
+def test_reload_refused_by_the_agent_is_a_usage_error():
+    message = "config file /x/config.toml is not valid TOML: Expected '=' (at line 1, column 5)"
+    routes = {"/v1/reload": fakeagent.error(400, "bad_request", message)}
+    with fake_agent(routes) as fake:
+        done = procs.run(procs.aemagent("reload"), procs.base_env(fake.path))
+    assert (done.returncode, done.stdout) == (cli.EXIT_USAGE, "")
+    assert done.stderr == f"aemagent: {message}\n"
+
+
+def test_reload_of_an_older_agent_falls_back_to_sighup():
+    with hup_catcher() as old:
+        health = {"status": "ok", "version": "0.1", "pid": old.pid}
+        with fake_agent({"/v1/health": fakeagent.json_answer(200, health)}) as fake:
+            done = procs.run(procs.aemagent("reload"), procs.base_env(fake.path))
+        assert done.returncode == 0, done.stderr
+        assert f"asked the agent (pid {old.pid}) to reload" in done.stdout
+        assert old.stdout is not None
+        assert old.stdout.readline() == "HUP\n"
+
+
+@pytest.mark.skipif(not _reload_endpoint_exists(), reason="the agent has no POST /v1/reload yet")
+def test_reload_of_a_broken_config_says_so(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('[profiles.one]\ncommand = "echo not-a-credential"\n')
+    config.chmod(0o600)
+    with procs.agent(tmp_path, "--config", str(config)) as agent:
+        done = agent.cli("reload")
+        assert done.returncode == 0, done.stderr
+        assert "reloaded its config file: " in done.stdout
+        assert done.stdout.count("\n") == 1
+
+        config.write_text("[profiles.one\n")  # not TOML
+        done = agent.cli("reload")
+        assert (done.returncode, done.stdout) == (cli.EXIT_USAGE, ""), done.stderr
+        assert "is not valid TOML" in done.stderr
+        assert done.stderr.count("\n") == 1
+
+        config.write_text("")
+        config.chmod(0o666)
+        done = agent.cli("reload")
+        assert done.returncode == cli.EXIT_USAGE, done.stdout
+        assert "is writable by others" in done.stderr
