@@ -95,16 +95,19 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     path = socket_path(args.socket)
     pid = agent_pid(path)
+    running = pid is not None
     if pid is None:
+        _check_config(args.config)  # here, as `serve` would say it, not via the daemon's log
         try:
             launched = spawn_daemon(
                 path, log_level=args.log_level, config=args.config, timeout=_START_TIMEOUT
             )
         except LaunchError as exc:
-            raise CLIError(str(exc)) from None
+            raise CLIError(str(exc), exc.code) from None
         except AemAgentError as exc:
             raise CLIError(str(exc)) from None
         pid = launched.pid
+        running = not launched.spawned
         if launched.spawned:
             print(f"aemagent: started the agent (pid {pid}) on {path}", file=sys.stderr)
         else:  # a racing `start` won the lock; ours stepped aside
@@ -113,6 +116,17 @@ def cmd_start(args: argparse.Namespace) -> int:
                 " process; using it",
                 file=sys.stderr,
             )
+    if running and (args.config is not None or args.log_level is not None):
+        given = " and ".join(
+            opt
+            for opt, value in (("--config", args.config), ("--log-level", args.log_level))
+            if value is not None
+        )
+        print(
+            f"aemagent: warning: {given} ignored: the running agent (pid {pid}) keeps its"
+            " settings; run `aemagent stop` first to start one with yours",
+            file=sys.stderr,
+        )
     sys.stdout.write(shell_lines(args.syntax, path, pid))
     return EXIT_OK
 
@@ -138,14 +152,20 @@ def _fish_quote(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from aemagent import logs
+def _check_config(path: str | None) -> Any:
+    """The config file, parsed; a file that `serve` would refuse is a usage error (64)."""
     from aemagent.config import load_config
 
     try:
-        config = load_config(args.config, required=args.config is not None)
+        return load_config(path, required=path is not None)
     except AemAgentError as exc:
         raise CLIError(str(exc), EXIT_USAGE) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aemagent import logs
+
+    config = _check_config(args.config)
     logs.configure(args.log_level or config.log_level or "info")
     from aemagent.daemon import DaemonSettings, run
 

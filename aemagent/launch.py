@@ -8,6 +8,7 @@ which of the two happened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -22,7 +23,11 @@ _MAX_LOG_BYTES = 5 * 1024 * 1024
 
 
 class LaunchError(Exception):
-    pass
+    """Starting the daemon failed; `code` is the exit status `aemagent start` should give."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -51,16 +56,40 @@ def log_file_path() -> str:
 
 
 def _open_log(path: str) -> int:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    """The daemon's log, for appending; a symbolic link there is refused, not followed.
+
+    The log could otherwise be pointed at any file of ours (O_NOFOLLOW), and a link is not
+    rotated either (lstat). Every failure is a one-line LaunchError naming the path.
+    """
+    import errno
+    import stat
+
     try:
-        if os.stat(path).st_size > _MAX_LOG_BYTES:
-            os.replace(path, path + ".1")
-    except FileNotFoundError:
-        pass
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags, 0o600)
-    os.fchmod(fd, 0o600)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_size > _MAX_LOG_BYTES:
+                os.replace(path, path + ".1")
+        # O_NONBLOCK: a FIFO planted there fails at once (ENXIO) instead of hanging `start`.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or (os.path.islink(path) and exc.errno == errno.EMLINK):
+            why = "it is a symbolic link; remove it, the agent creates its own"
+        else:
+            why = exc.strerror or str(exc)
+        raise LaunchError(f"cannot open the agent's log file {path}: {why}") from None
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular:
+            os.set_blocking(fd, True)
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not regular:
+        os.close(fd)
+        raise LaunchError(f"the agent's log file {path} is not a regular file; remove it")
     return fd
 
 
@@ -119,9 +148,10 @@ def spawn_daemon(
                 child = None
                 code = os.waitstatus_to_exitcode(status)
                 if code != 0:
+                    said = _last_line(log_path).removeprefix("aemagent: ")
                     raise LaunchError(
-                        f"the agent exited with code {code}: {_last_line(log_path)}"
-                        f" (log: {log_path})"
+                        f"the agent exited with code {code}: {said} (log: {log_path})",
+                        code=64 if code == 64 else 1,  # a usage error stays one
                     )
                 # Exit 0 before serving: a live daemon holds the lock. Usually another `start`
                 # won the race and its agent answers soon; but it may be one whose socket file

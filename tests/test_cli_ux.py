@@ -285,3 +285,61 @@ def test_reload_of_a_broken_config_says_so(tmp_path):
         done = agent.cli("reload")
         assert done.returncode == cli.EXIT_USAGE, done.stdout
         assert "is writable by others" in done.stderr
+
+
+# ---- 4. a bad config file at start; 5. options given to a start that finds an agent
+
+
+def _env(base: Path, sock: str | None = None) -> dict[str, str]:
+    """HOME, config and state under `base`: nothing reads or writes the real home."""
+    home = base / "home"
+    home.mkdir(mode=0o700, exist_ok=True)
+    return procs.base_env(
+        sock,
+        HOME=str(home),
+        XDG_STATE_HOME=str(home / "state"),
+        XDG_CONFIG_HOME=str(home / "config"),
+    )
+
+
+def _stop(sock: str, env: dict[str, str]) -> None:
+    done = procs.run(procs.aemagent("stop", "--socket", sock), env)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_bad_config_file_is_one_usage_error_from_start_and_from_serve(base):
+    sock = str(base / "s" / "agent.sock")
+    bad = base / "bad.toml"
+    bad.write_text("[agent\n")
+    bad.chmod(0o600)
+    env = _env(base)
+    for command in ("start", "serve"):
+        done = procs.run(procs.aemagent(command, "--socket", sock, "--config", str(bad)), env)
+        assert (done.returncode, done.stdout) == (cli.EXIT_USAGE, ""), (command, done.stderr)
+        assert done.stderr.startswith(f"aemagent: config file {bad} is not valid TOML: "), command
+        assert done.stderr.count("aemagent:") == 1, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+    assert procs.agent_pids(str(base)) == []
+
+
+def test_start_with_options_warns_that_a_running_agent_keeps_its_settings(base):
+    sock = str(base / "s" / "agent.sock")
+    env = _env(base)
+    first = procs.run(procs.aemagent("start", "--socket", sock), env)
+    assert first.returncode == 0, first.stderr
+    try:
+        other = base / "other.toml"
+        other.write_text("")
+        other.chmod(0o600)
+        for options in (["--config", str(other)], ["--log-level", "debug"]):
+            done = procs.run(procs.aemagent("start", "--socket", sock, *options), env)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout == first.stdout  # exactly the eval lines
+            assert done.stderr.count("\n") == 1, done.stderr
+            assert options[0] in done.stderr
+            assert "keeps its settings" in done.stderr
+            assert "`aemagent stop` first" in done.stderr
+        plain = procs.run(procs.aemagent("start", "--socket", sock), env)
+        assert (plain.stdout, plain.stderr) == (first.stdout, "")
+    finally:
+        _stop(sock, env)
