@@ -14,7 +14,8 @@
 The file never holds a secret, only where to get one. Unknown keys are errors naming the file and
 the key (a typo must not silently drop a setting). Environment beats config file beats defaults:
 `HTTPS_PROXY` set in the daemon's environment wins over `https_proxy` here. Writes (`add --save`)
-go to a temporary file, then `os.replace`, mode 0600.
+go to a new temporary file (O_EXCL, O_NOFOLLOW, a random name), then `os.replace`, mode 0600;
+through a symbolic link, the file it points to is the one replaced.
 """
 
 from __future__ import annotations
@@ -247,29 +248,87 @@ def save_profile(path: str, source: ProfileSource) -> None:
         for name, table in data["profiles"].items():
             if name != source.name:
                 table.pop("default", None)
-    directory = os.path.dirname(os.path.abspath(path))
+    target = _write_target(path)
+    directory, name = os.path.split(target)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    _remove_stale_temporaries(directory, os.path.basename(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    _remove_stale_temporaries(directory, name)
+    fd, temporary = _create_temporary(directory, name, path)
     try:
         with os.fdopen(fd, "wb") as f:
             tomli_w.dump(data, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except BaseException:
         with _suppress_oserror():
             os.unlink(temporary)
         raise
 
 
+def _write_target(path: str) -> str:
+    """The file to replace: `path` itself, or the file a symbolic link at `path` points to.
+
+    A config.toml linked from a dotfiles repository stays a link: the file it points to is
+    rewritten (in its own directory, so the rename is atomic). A link into a directory that
+    does not exist is refused.
+    """
+    absolute = os.path.abspath(path)
+    if not os.path.islink(absolute):
+        return absolute
+    target = os.path.realpath(absolute)
+    if not os.path.isdir(os.path.dirname(target)):
+        raise ConfigError(
+            f"config file {path} is a symbolic link to {target}, whose directory does not exist"
+        )
+    if os.path.lexists(target) and not os.path.isfile(target):
+        raise ConfigError(f"config file {path} points to {target}, which is not a regular file")
+    return target
+
+
+def _temporary_suffix() -> str:
+    import secrets
+
+    return secrets.token_hex(6)
+
+
+def _create_temporary(directory: str, name: str, shown: str) -> tuple[int, str]:
+    """A new 0600 file `.NAME.PID.RANDOM.tmp` beside NAME, created by us and never opened through
+    a link: whatever was planted at that name makes us fail, not write somewhere else."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(3):
+        temporary = os.path.join(directory, f".{name}.{os.getpid()}.{_temporary_suffix()}.tmp")
+        try:
+            fd = os.open(temporary, flags, 0o600)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write config file {shown}: {exc.strerror or exc} ({temporary})"
+            ) from None
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+        except BaseException:
+            os.close(fd)
+            with _suppress_oserror():
+                os.unlink(temporary)
+            raise
+        return fd, temporary
+    raise ConfigError(
+        f"cannot write config file {shown}: temporary files named like {temporary} already exist"
+    )
+
+
 def _remove_stale_temporaries(directory: str, name: str) -> None:
-    """Temporary files of saves killed before their rename (their process is gone)."""
+    """Temporary files of saves killed before their rename (their process is gone).
+
+    Their names are `.NAME.PID.RANDOM.tmp` (or `.NAME.PID.tmp` from older versions).
+    """
     prefix, suffix = f".{name}.", ".tmp"
     for entry in os.listdir(directory):
-        pid = entry[len(prefix) : -len(suffix)]
-        if not (entry.startswith(prefix) and entry.endswith(suffix) and pid.isdigit()):
+        if not (entry.startswith(prefix) and entry.endswith(suffix)):
+            continue
+        pid, _, random = entry[len(prefix) : -len(suffix)].partition(".")
+        if not pid.isdigit() or not (random == "" or random.isalnum()):
             continue
         try:
             os.kill(int(pid), 0)
