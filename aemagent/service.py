@@ -343,7 +343,8 @@ def _changed(plan: Plan, *, force: bool, doing: str) -> None:
 
 def _legacy_present(plan: Plan, *, force: bool) -> tuple[list[str], list[str]]:
     """The plan's legacy files that exist: (ours, or any with `force`), (others)."""
-    ours, others = [], []
+    ours: list[str] = []
+    others: list[str] = []
     for f in plan.legacy:
         current = _current(f.path)
         if current is None:
