@@ -20,6 +20,15 @@ A flight's result is applied only if its profile is still the current one under 
 profile forgotten or replaced meanwhile is a different object (a new generation), so the old
 identity's token can never reach it. Every state change sets the profile's `changed` event, which
 waiting requests and the timer sleep on.
+
+Adds of one name may run concurrently (two `aemagent add` at once, overlapping reloads): `add`
+decides who holds the name again after starting its profile's tasks, and drops whatever it
+replaces. As a second guard, a profile that is no longer the current one ends at its next flight
+result or timer wake-up: its results are discarded, so its refresh would otherwise stay due and
+its timer fetch again at once, forever.
+
+A manual refresh that meets a transient IMS error is not given up: the profile keeps wanting a
+new token, and its timer retries with backoff even while the current token is not yet due.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import itertools
 import logging
 import math
 import random
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -81,6 +91,16 @@ class TokenSource(Protocol):
     async def fetch(self, credential: Credential) -> Grant: ...
 
     async def revoke(self, credential: Credential, token: Secret) -> str: ...
+
+
+@dataclass(frozen=True)
+class _AddSettings:
+    """What `Agent.add` sets on a profile besides its credential."""
+
+    hosts: tuple[str, ...]
+    default: bool
+    source: str
+    forget_at: float | None
 
 
 # Hosts remembered by `Agent._resolved`: far more than one user's scripts ask for.
@@ -163,31 +183,22 @@ class Agent:
         source: str = "added",
         lifetime: float | None = None,
     ) -> Profile:
-        """Load a credential. An explicit name replaces; a derived name that collides is refused."""
+        """Load a credential. An explicit name replaces; a derived name that collides is refused.
+
+        The profile's tasks start before it is published, and another add of the same name may
+        publish its own profile meanwhile: who holds the name is decided again after that await,
+        so a replaced profile is always dropped with its tasks (never left running unseen)."""
         assert self._nursery is not None, "Agent.run() is not running"
         explicit = name is not None
         name = check_profile_name(name if name is not None else credential.default_name())
         if lifetime is not None and lifetime <= 0:
             raise UsageError("lifetime must be positive")
-        old = self._profiles.get(name)
-        if old is not None and not explicit and not same_identity(old.credential, credential):
-            raise AmbiguousError(
-                f"a profile named {name} already holds another credential"
-                f" ({identity_text(old.credential)}); add this one with --name NAME"
-            )
         now = self.now()
         forget_at = now.boot + lifetime if lifetime is not None else None
-        if old is not None and old.credential.digest == credential.digest:
-            # The same credential again: keep its token, take the new settings, and lift a
-            # permanent-failure block (adding a credential again counts as a manual retry).
-            old.hosts, old.source, old.forget_at = hosts, source, forget_at
-            self._set_default(old, default)
-            self._resolved.clear()
-            if old.schedule.blocked:
-                old.schedule.on_manual()
-                old.notify()
-            log.info("profile %s: credential unchanged, token kept", name)
-            return old
+        settings = _AddSettings(hosts, default, source, forget_at)
+        kept = self._keep_if_unchanged(name, credential, explicit, settings)
+        if kept is not None:
+            return kept
         profile = Profile(
             name=name,
             credential=credential,
@@ -202,6 +213,15 @@ class Agent:
         # Start the profile's tasks first (its timer waits for `published`), then publish it in
         # one synchronous step, so no request ever sees a profile without its nursery.
         await self._nursery.start(self._run_profile, profile)
+        try:
+            kept = self._keep_if_unchanged(name, credential, explicit, settings)
+        except BaseException:
+            profile.scope.cancel()
+            raise
+        if kept is not None:  # a concurrent add of the same credential won: ours never ran
+            profile.scope.cancel()
+            return kept
+        old = self._profiles.get(name)
         if old is not None:
             self._drop(old)
         self._profiles[name] = profile
@@ -211,6 +231,32 @@ class Agent:
         replaced = old is not None and not isinstance(old.credential, Unloaded)
         log.info("profile %s: %s %s", name, "replaced with" if replaced else "added", credential)
         return profile
+
+    def _keep_if_unchanged(
+        self, name: str, credential: Credential, explicit: bool, settings: _AddSettings
+    ) -> Profile | None:
+        """The current holder of `name` if it holds this very credential (it takes the new
+        settings and keeps its token); refuses a derived name held by another identity."""
+        old = self._profiles.get(name)
+        if old is None:
+            return None
+        if not explicit and not same_identity(old.credential, credential):
+            raise AmbiguousError(
+                f"a profile named {name} already holds another credential"
+                f" ({identity_text(old.credential)}); add this one with --name NAME"
+            )
+        if old.credential.digest != credential.digest:
+            return None
+        # The same credential again: keep its token, take the new settings, and lift a
+        # permanent-failure block (adding a credential again counts as a manual retry).
+        old.hosts, old.source, old.forget_at = settings.hosts, settings.source, settings.forget_at
+        self._set_default(old, settings.default)
+        self._resolved.clear()
+        if old.schedule.blocked:
+            old.schedule.on_manual()
+            old.notify()
+        log.info("profile %s: credential unchanged, token kept", name)
+        return old
 
     def _load_dev_token(self, profile: Profile, token: DevToken, now: Now) -> None:
         """A development token is its own token: served until it expires, never refreshed."""
@@ -379,12 +425,12 @@ class Agent:
                 raise UnavailableError(
                     f"{what}: the development token has only"
                     f" {describe_duration(times.remaining(now))} left, less than {need:g} s;"
-                    " download a new one from the AEM Developer Console"
+                    f" {_dev_token_advice(profile, replace=False)}"
                 )
             expired = f" at {utc_iso(times.wall_expiry)}" if times else ""
             raise UnavailableError(
                 f"{what}: the development token expired{expired};"
-                " download a new one from the AEM Developer Console"
+                f" {_dev_token_advice(profile, replace=False)}"
             )
         if schedule.blocked:
             raise UnavailableError(
@@ -421,18 +467,42 @@ class Agent:
         return Served(profile, profile.token, now.wall + remaining, remaining)
 
     async def refresh(self, name: str) -> Profile:
-        """A manual refresh: lifts blocks and backoff, fetches now, waits for the result."""
+        """A manual refresh: lifts blocks and backoff, fetches now, waits for the result.
+
+        If IMS fails transiently, the refresh is not given up: the timer retries it with backoff
+        until a new token arrives (or a permanent failure), even while the old one is not due."""
         profile = self.resolve(name)
         if isinstance(profile.credential, Unloaded):
             raise UnavailableError(f"profile {name}: {profile.credential.error}")
         if not profile.schedule.refreshable:
             raise UsageError(
                 f"profile {name}: a development token cannot be refreshed;"
-                " download a new one from the AEM Developer Console and add it again"
+                f" {_dev_token_advice(profile, replace=True)}"
             )
         profile.schedule.on_manual()
-        await self._await_flight(profile, profile.flight or self._start_flight(profile))
+        profile.refresh_wanted = True
+        try:
+            await self._await_flight(profile, profile.flight or self._start_flight(profile))
+        except IMSTransientError as exc:
+            raise UnavailableError(self._retrying(profile, exc)) from None
         return profile
+
+    def _retrying(self, profile: Profile, exc: IMSTransientError) -> str:
+        """What a manual refresh that failed transiently tells the user: the background retry."""
+        text = f"profile {profile.name}: {exc}"
+        if self._profiles.get(profile.name) is not profile:
+            return text
+        now = self.now()
+        times = profile.schedule.token
+        retry_at = profile.schedule.retry_at
+        if profile.token is not None and times is not None and times.remaining(now) > 0:
+            left = describe_duration(times.remaining(now))
+            return (
+                f"{text}; the current token stays valid for {left}"
+                " and the agent retries in the background"
+            )
+        when = f" (next attempt in {describe_duration(retry_at - now.boot)})" if retry_at else ""
+        return f"{text}; there is no valid token and the agent retries in the background{when}"
 
     async def force_refresh(self, name: str, if_current: str) -> tuple[Profile, bool]:
         """A refresh asked for by a caller whose token was refused (git `erase`, a 401 retry).
@@ -515,6 +585,7 @@ class Agent:
                     grant.lifetime, grant.sent, self._rng.random(), self.settings
                 )
                 profile.token = grant.access_token
+                profile.refresh_wanted = False
                 profile.schedule.on_success(times)
                 profile.fetches += 1
                 profile.last_error = None
@@ -523,6 +594,10 @@ class Agent:
             profile.flight = None
             flight.done.set()
             profile.notify()
+            if self._profiles.get(profile.name) is not profile:
+                # Forgotten or replaced meanwhile: its result was discarded, so its refresh is
+                # still due; nothing of it may run on (its timer would fetch again at once).
+                self._drop(profile)
 
     def _failed(self, profile: Profile, flight: Flight, exc: IMSError) -> None:
         flight.error = exc
@@ -542,6 +617,7 @@ class Agent:
                 describe_duration(retry_at - now.boot),
             )
         else:
+            profile.refresh_wanted = False
             log.error(
                 "profile %s: %s; no automatic retries until `aemagent refresh %s`",
                 profile.name,
@@ -572,13 +648,19 @@ class Agent:
     async def _timer(self, profile: Profile) -> None:
         schedule = profile.schedule
         while True:
+            if self._profiles.get(profile.name) is not profile:
+                self._drop(profile)  # not the current holder of its name: cancels this task
+                await trio.lowlevel.checkpoint()
+                return
             now = self.now()
             if profile.forget_at is not None and now.boot >= profile.forget_at:
                 log.info("profile %s: lifetime over", profile.name)
                 self._drop(profile)  # cancels this task
                 await trio.lowlevel.checkpoint()
                 return
-            if profile.flight is None and schedule.refresh_due(now):
+            if profile.flight is None and (
+                schedule.refresh_due(now) or (profile.refresh_wanted and schedule.may_fetch(now))
+            ):
                 self._start_flight(profile)
             period = self.settings.wake_interval
             delay = schedule.seconds_until_due(now)
@@ -629,6 +711,14 @@ class Agent:
             info["expires_in"] = max(0, math.floor(remaining))
             info["token_fingerprint"] = fingerprint(profile.token.reveal())
         return info
+
+
+def _dev_token_advice(profile: Profile, *, replace: bool) -> str:
+    """What to do about a development token that is too short-lived, expired, or unrefreshable."""
+    download = "download a new one from the AEM Developer Console"
+    if profile.source == "config":
+        return f"{download}, update its source, then `aemagent reload`"
+    return f"{download} and add it again" if replace else download
 
 
 def _sha256(text: str) -> str:

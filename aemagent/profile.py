@@ -81,6 +81,9 @@ class Profile:
     fetches: int = 0
     last_error: AemAgentError | None = None
     flight: Flight | None = None
+    # A manual refresh asked for a new token and has not got one yet: after a transient failure
+    # the timer retries (with backoff) even while the current token is not yet due.
+    refresh_wanted: bool = False
     changed: trio.Event = field(default_factory=trio.Event)
     published: trio.Event = field(default_factory=trio.Event)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
