@@ -1,10 +1,12 @@
 """The two clocks every token decision reads.
 
 `wall` is Unix time: what expiry times are reported in, and the clock that jumps when a laptop
-wakes up or NTP corrects it. `boot` counts seconds and keeps counting through suspend (Linux
-CLOCK_BOOTTIME); where the OS has no such clock it falls back to the monotonic clock, and the wall
-clock still catches a suspend. A token is served only if it is valid on both (CONTRACT.md "Token
-lifecycle"). Decisions take a `Now`; only the daemon's edges read a real clock.
+wakes up or NTP corrects it. `boot` counts seconds and keeps counting through suspend: Linux's
+CLOCK_BOOTTIME, and on macOS CLOCK_MONOTONIC, which there counts through sleep (macOS has no
+CLOCK_BOOTTIME, and Python's `time.monotonic()` there stops while the machine sleeps). Where the
+OS has no such clock it falls back to `time.monotonic()`, and the wall clock still catches a
+suspend. A token is served only if it is valid on both. Decisions take a `Now`; only the
+daemon's edges read a real clock.
 
 `on_grid` is how the daemon's periodic sleepers share their wake-ups (see its docstring).
 """
@@ -12,10 +14,17 @@ lifecycle"). Decisions take a `Now`; only the daemon's edges read a real clock.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import NamedTuple, Protocol
 
-_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+def boot_clock_id(platform: str | None = None) -> int | None:
+    """The clock_gettime(2) clock that counts through suspend here, or None for none."""
+    if (platform or sys.platform) == "darwin":
+        # Darwin's CLOCK_MONOTONIC is mach_continuous_time: it counts while the machine sleeps.
+        return getattr(time, "CLOCK_MONOTONIC", None)
+    return getattr(time, "CLOCK_BOOTTIME", None)
 
 
 class Now(NamedTuple):
@@ -30,12 +39,15 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    """The real clocks."""
+    """The real clocks; `platform` is there for tests."""
+
+    def __init__(self, platform: str | None = None) -> None:
+        self._boot = boot_clock_id(platform)
 
     def now(self) -> Now:
-        if _BOOTTIME is not None:
-            return Now(time.time(), time.clock_gettime(_BOOTTIME))
-        return Now(time.time(), time.monotonic())  # pragma: no cover - macOS
+        if self._boot is not None:
+            return Now(time.time(), time.clock_gettime(self._boot))
+        return Now(time.time(), time.monotonic())  # pragma: no cover - no such clock
 
 
 class FakeClock:

@@ -39,6 +39,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import trio
 
@@ -182,14 +183,19 @@ class _Server:
             nursery.start_soon(self._connection, conn)
 
     async def _connection(self, conn: trio.socket.SocketType) -> None:
+        """One client, start to end. Whatever goes wrong here ends this connection only (one
+        line in the log), never the daemon: an exception out of a task kills the nursery."""
         try:
             uid = peer_uid(conn)
             if uid is None or uid not in (self._uid, 0):
                 # Closed without reading a byte: another user gets nothing to talk to.
-                log.warning("refused a connection from uid %s", uid)
+                who = "an unknown uid" if uid is None else f"uid {uid}"
+                log.warning("refused a connection from %s", who)
                 return
             # A bare trio socket, not trio.SocketStream: see httpserver's docstring.
             await serve_http(SocketIO(conn), self._handle, self.settings.limits)
+        except Exception as exc:
+            log.warning("closed a connection after an error: %s", _one_line(exc))
         finally:
             conn.close()
             self._slots.release()
@@ -403,17 +409,45 @@ async def _serve_connections(
         drained.set()
 
 
-def harden_process() -> None:
-    """No core dumps, not ptrace-able by other processes of the user, enough file descriptors."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        pr_set_dumpable = 4
-        if libc.prctl(pr_set_dumpable, 0, 0, 0, 0) != 0:
+def _one_line(exc: BaseException) -> str:
+    """What went wrong, for a log line: the exception's type and, for an OSError, its errno's
+    text; never its arguments, which could quote what a client sent."""
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__} ({exc.strerror or errno.errorcode.get(exc.errno or 0, '?')})"
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_one_line(e) for e in exc.exceptions)
+    return type(exc).__name__
+
+
+# ptrace(2) on macOS: "deny future attaches", as ssh-agent does (platform_disable_tracing).
+_PT_DENY_ATTACH = 31
+# prctl(2) on Linux.
+_PR_SET_DUMPABLE = 4
+
+
+def deny_debuggers(platform: str | None = None, libc: Any = None) -> None:
+    """Keep other processes of the user out of our memory: PR_SET_DUMPABLE 0 on Linux (no
+    ptrace, /proc/PID/mem and environ root's), PT_DENY_ATTACH on macOS (no debugger attaches,
+    no task port for others). `platform` and `libc` are there for tests."""
+    platform = platform or sys.platform
+    if platform.startswith("linux"):
+        libc = libc or ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
             log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(ctypes.get_errno()))
+    elif platform == "darwin":
+        libc = libc or ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        if libc.ptrace(_PT_DENY_ATTACH, 0, None, 0) != 0:
+            log.warning("ptrace(PT_DENY_ATTACH) failed: %s", os.strerror(ctypes.get_errno()))
+
+
+def harden_process(platform: str | None = None, libc: Any = None) -> None:
+    """No core dumps, not ptrace-able by other processes of the user, enough file descriptors."""
+    platform = platform or sys.platform
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    deny_debuggers(platform, libc)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 65536
-    if sys.platform == "darwin":  # pragma: no cover - macOS caps at OPEN_MAX
+    if platform == "darwin":  # pragma: no cover - macOS caps at OPEN_MAX
         target = min(target, 10240)
     if soft != resource.RLIM_INFINITY and soft < target:
         try:
@@ -438,5 +472,12 @@ def run(settings: DaemonSettings) -> int:
     except AemAgentError as exc:
         log.error("%s", exc)
         notifier.send(f"STATUS={exc}")
+        return 1
+    except OSError as exc:  # at start, before serving (each step says its own): one line
+        message = f"cannot start: {exc.strerror or exc}" + (
+            f" ({exc.filename})" if exc.filename else ""
+        )
+        log.error("%s", message)
+        notifier.send(f"STATUS={message}")
         return 1
     return 0

@@ -1,7 +1,7 @@
 """The agent's socket file: a private directory, a lifetime lock, an atomic appearance.
 
-* The directory must be a real directory owned by us and closed to others (0700, like
-  ssh-agent's); we create it so, and refuse one that is not, naming path, owner and mode.
+* The directory must be a real directory, ours or root's, that no other user can write to; we
+  create it 0700 (like ssh-agent's), and refuse one that is not, naming path, owner and mode.
 * `flock` on `<socket>.lock` is held for the daemon's whole life: a socket whose lock nobody
   holds is stale and may be replaced; one whose lock is held belongs to a live daemon, however
   slow, and is never touched.
@@ -26,6 +26,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import TYPE_CHECKING, Any, Self
 
@@ -63,7 +64,16 @@ def _owner_name(uid: int) -> str:
 
 
 def ensure_private_dir(directory: str) -> None:
-    """Create `directory` 0700 if missing; refuse it unless ours, a directory, and closed."""
+    """Create `directory` 0700 if missing; refuse it unless a real directory, ours (or root's),
+    that no other user can write to.
+
+    Reading or entering it is not refused (a socket in a 0755 home is fine, as for ssh-agent
+    -a and OpenSSH's StrictModes): the socket is 0600 and every connection's uid is checked.
+    What matters is who can change its entries, i.e. remove, rename or create names in it: with
+    write access another user could put their own socket at our path (an impostor that clients
+    would send credentials to) or take the lock's or the temporary name first. The sticky bit
+    (/tmp) protects names that exist, not names still to be created, so it is no exception.
+    Root may own it: root can do anything to us anyway."""
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
@@ -90,15 +100,22 @@ def ensure_private_dir(directory: str) -> None:
             f"socket directory {directory} is not a directory (owner {_owner_name(st.st_uid)},"
             f" mode {mode:04o}); remove it or choose another --socket path"
         )
-    if st.st_uid != me:
+    if st.st_uid not in (me, 0):
         raise SocketDirError(
             f"socket directory {directory} belongs to {_owner_name(st.st_uid)}, not to"
             f" {_owner_name(me)} (mode {mode:04o}); remove it or choose another --socket path"
         )
-    if mode & 0o077:
+    if mode & 0o022:
+        if mode & stat.S_ISVTX:  # /tmp: they cannot remove our names, but can take them first
+            hint = (
+                "the sticky bit does not stop them taking the socket's name first; put it in a"
+                f" directory of its own, such as {os.path.join(directory, f'aemagent-{me}')}/"
+            )
+        else:
+            hint = f"run `chmod go-w {directory}` or choose another --socket path"
         raise SocketDirError(
-            f"socket directory {directory} is open to other users (mode {mode:04o}, owner"
-            f" {_owner_name(st.st_uid)}); run `chmod 700 {directory}`"
+            f"socket directory {directory} is writable by other users (mode {mode:04o}, owner"
+            f" {_owner_name(st.st_uid)}); {hint}"
         )
 
 
@@ -119,8 +136,12 @@ class LifetimeLock:
             os.close(self._fd)
             self._fd = None
             raise AlreadyRunning(socket_path, pid) from None
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:  # a full disk, say
+            self.release()
+            raise SocketDirError(f"cannot write lock file {self.path}: {exc.strerror}") from None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -326,8 +347,13 @@ async def bind_socket(path: str) -> tuple[trio.socket.SocketType, tuple[int, int
             f" temporary name the agent binds beside it; the limit is {MAX_SOCKET_PATH}:"
             " choose a shorter --socket path"
         )
-    with contextlib.suppress(FileNotFoundError):
+    try:
         st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _cannot(f"examine {path}", exc) from None
+    else:
         if not stat.S_ISSOCK(st.st_mode):
             raise SocketDirError(f"{path} exists and is not a socket; remove it or choose another")
         if _accepts(path):
@@ -338,37 +364,73 @@ async def bind_socket(path: str) -> tuple[trio.socket.SocketType, tuple[int, int
             )
     import trio  # here, so `aemagent start` can check directories without importing trio
 
-    with contextlib.suppress(FileNotFoundError):
+    try:
         os.unlink(temporary)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _cannot(f"remove the leftover {temporary}", exc) from None
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    step = f"bind a socket at {temporary}"
     try:
         old_umask = os.umask(0o177)
         try:
             await sock.bind(temporary)
         finally:
             os.umask(old_umask)
+        step = f"listen on {temporary}"
         sock.listen(LISTEN_BACKLOG)
+        step = f"chmod {temporary}"
         os.chmod(temporary, 0o600)
+        step = f"rename {temporary} to {path}"
         os.rename(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         sock.close()
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+        if isinstance(exc, OSError):  # a read-only directory, EADDRINUSE, ...: one line
+            raise _cannot(step, exc) from None
         raise
     ident = identity(path)
     assert ident is not None
     return sock, ident
 
 
-def _accepts(path: str) -> bool:
+def _cannot(step: str, exc: OSError) -> SocketDirError:
+    return SocketDirError(f"cannot {step}: {exc.strerror or exc}")
+
+
+# macOS refuses a connection (ECONNREFUSED) when the listener's backlog is full, where Linux
+# says EAGAIN: there a refusal is asked again this many times, this far apart (~100 ms in all),
+# before the socket counts as stale.
+_DARWIN_REFUSED_RETRIES, _DARWIN_REFUSED_PAUSE = 5, 0.02
+
+
+def _accepts(path: str, *, platform: str | None = None) -> bool:
     """Whether something listens on the socket at `path` (stale sockets refuse connections)."""
+    platform = platform or sys.platform
+    retries = _DARWIN_REFUSED_RETRIES if platform == "darwin" else 0
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(_DARWIN_REFUSED_PAUSE)  # only before replacing a socket on macOS
+        answer = _connect_once(path)
+        if answer is not None:
+            return answer
+    return False
+
+
+def _connect_once(path: str) -> bool | None:
+    """True if something listens at `path`, False if nothing ever will (no file), None if the
+    connection was refused (stale, or a full backlog on macOS)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.setblocking(False)
         try:
             probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
+        except ConnectionRefusedError:
+            return None
+        except FileNotFoundError:
             return False
-        except BlockingIOError:  # a full backlog: very much alive
+        except BlockingIOError:  # a full backlog (Linux): very much alive
             return True
         except OSError as exc:
             raise SocketDirError(
@@ -432,17 +494,31 @@ def _unusable(sock: socket.socket) -> str:
     return ""
 
 
-def peer_uid(sock: trio.socket.SocketType) -> int | None:
-    """The uid of the process at the other end of a Unix socket, or None if unknown."""
+# <sys/ucred.h>: struct xucred { u_int cr_version; uid_t cr_uid; short cr_ngroups;
+# gid_t cr_groups[NGROUPS]; }, 76 bytes, read at SOL_LOCAL (0), LOCAL_PEERCRED (1).
+_SOL_LOCAL, _LOCAL_PEERCRED, _XUCRED_VERSION, _XUCRED_SIZE = 0, 0x001, 0, 76
+_UCRED = struct.Struct("3i")  # Linux SO_PEERCRED: struct ucred { pid_t; uid_t; gid_t; }
+
+
+def peer_uid(sock: trio.socket.SocketType, *, platform: str | None = None) -> int | None:
+    """The uid of the process at the other end of a Unix socket, or None if unknown (the peer
+    gone, or an answer of a size or version we do not know: the caller refuses it)."""
+    platform = platform or sys.platform
     try:
-        if sys.platform.startswith("linux"):
-            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            _pid, uid, _gid = struct.unpack("3i", raw)
+        if platform.startswith("linux"):
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            if len(raw) != _UCRED.size:
+                return None
+            _pid, uid, _gid = _UCRED.unpack(raw)
             return int(uid)
-        if sys.platform == "darwin":  # pragma: no cover - exercised on macOS only
-            # struct xucred { u_int cr_version; uid_t cr_uid; ... } at SOL_LOCAL, LOCAL_PEERCRED
-            raw = sock.getsockopt(0, 0x001, 76)
-            return int(struct.unpack_from("I", raw, 4)[0])
+        if platform == "darwin":
+            raw = sock.getsockopt(_SOL_LOCAL, _LOCAL_PEERCRED, _XUCRED_SIZE)
+            if len(raw) != _XUCRED_SIZE:
+                return None
+            version, uid = struct.unpack_from("=II", raw)
+            if version != _XUCRED_VERSION:
+                return None
+            return int(uid)
     except OSError as exc:
         if exc.errno not in (errno.ENOTCONN, errno.EINVAL, errno.EBADF):
             raise

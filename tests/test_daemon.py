@@ -160,11 +160,12 @@ def test_socket_directory_is_created_0700_and_the_socket_is_0600(base: Path) -> 
         assert agent_pid(sock) == agent.pid
 
 
-@pytest.mark.parametrize("case", ["other-owner", "mode-0755", "mode-0777", "symlink"])
+@pytest.mark.parametrize("case", ["other-owner", "mode-0775", "mode-0757", "mode-1777", "symlink"])
 def test_an_unsafe_socket_directory_is_refused(base: Path, case: str) -> None:
     """`serve` and `start` refuse at once with one line naming the path, owner and mode.
+    Others may read a socket directory (test_daemon_robust.py), not write to it, sticky or not.
 
-    Broken: deleting the owner check, the `mode & 0o077` check or the symlink check in
+    Broken: deleting the owner check, the `mode & 0o022` check or the symlink check in
     ensure_private_dir makes the matching case serve (the run times out or exits 0)."""
     me = _owner(os.getuid())
     directory = base / "sockdir"
@@ -183,7 +184,12 @@ def test_an_unsafe_socket_directory_is_refused(base: Path, case: str) -> None:
         else:
             mode = int(case.removeprefix("mode-"), 8)
             os.chmod(directory, mode)
-            words = [str(directory), "open to other users", f"mode {mode:04o}", f"owner {me}"]
+            words = [
+                str(directory),
+                "writable by other users",
+                f"mode {mode:04o}",
+                f"owner {me}",
+            ]
     sock = str(directory / "agent.sock")
     env = _env(base)
 
