@@ -298,6 +298,31 @@ def agent_pids(path: str) -> list[int]:
     prefix = os.fsencode(path.rstrip("/") + "/")
     wanted = os.fsencode(path)
     found = []
+    for entry, state, argv in _processes():
+        if state == b"Z" or b"serve" not in argv or b"--socket" not in argv:
+            continue
+        i = argv.index(b"--socket")
+        sock = argv[i + 1] if i + 1 < len(argv) else b""
+        if sock == wanted or sock.startswith(prefix):
+            found.append(int(entry))
+    return sorted(found)
+
+
+def _processes() -> Iterator[tuple[str, bytes, list[bytes]]]:
+    """(pid, state letter, argv) of every process: from /proc, or from ps(1) where there is
+    no /proc (macOS; its argv is split at spaces, which the tests' paths do not contain)."""
+    if not os.path.isdir("/proc"):
+        listed = subprocess.run(
+            ["ps", "-axww", "-o", "pid=,stat=,command="],
+            capture_output=True,
+            timeout=STEP_TIMEOUT,
+            check=False,
+        )
+        for line in listed.stdout.splitlines():
+            fields = line.split()
+            if len(fields) >= 3:
+                yield fields[0].decode(), fields[1][:1], fields[2:]
+        return
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -308,13 +333,7 @@ def agent_pids(path: str) -> list[int]:
                 state = f.read().rpartition(b")")[2].split()[0]
         except (OSError, IndexError):
             continue
-        if state == b"Z" or b"serve" not in argv or b"--socket" not in argv:
-            continue
-        i = argv.index(b"--socket")
-        sock = argv[i + 1] if i + 1 < len(argv) else b""
-        if sock == wanted or sock.startswith(prefix):
-            found.append(int(entry))
-    return sorted(found)
+        yield entry, state, argv
 
 
 def kill_agents(path: str) -> list[int]:
