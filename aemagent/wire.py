@@ -8,6 +8,8 @@ Exceptions:
 
     AgentUnreachable   no agent answers at the path: missing file, stale socket (connection
                        refused), not a socket, permission denied, path too long, connect timeout
+      UntrustedPeer    something listens at the path, but as another user: not our agent.
+                       Nothing was sent (not even the request line: it may carry a secret).
     WireError          something answered, but not with a complete, well-formed HTTP answer in
                        time: garbage, truncated, larger than MAX_ANSWER, or the read timed out
 
@@ -45,6 +47,17 @@ class AgentUnreachable(Exception):
         if self.permission:
             return "point $AEMAGENT_SOCK or --socket at your own agent"
         return "start it with `aemagent start`"
+
+
+class UntrustedPeer(AgentUnreachable):
+    """The process listening at `path` runs as `peer_uid`, neither us nor root (or we cannot tell
+    who it is: `peer_uid` None). Whoever made the path first can listen there, e.g. another user
+    who created `/tmp/aemagent-<our uid>/` before we did; so we check before sending a byte."""
+
+    def __init__(self, path: str, message: str, peer_uid: int | None = None) -> None:
+        super().__init__(path, message, permission=True)
+        self.args = (message,)
+        self.peer_uid = peer_uid
 
 
 class WireError(Exception):
@@ -222,6 +235,17 @@ def _encode_request(
 
 
 def _connect(path: str, timeout: float) -> _socket.socket:
+    """A connection to the agent at `path`, its peer checked: nothing has been sent yet."""
+    sock = _connect_any(path, timeout)
+    try:
+        _check_peer(sock, path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _connect_any(path: str, timeout: float) -> _socket.socket:
     size = len(os.fsencode(path))
     if not path or "\0" in path:
         raise AgentUnreachable(path, "not a valid socket path")
@@ -247,8 +271,86 @@ def _connect(path: str, timeout: float) -> _socket.socket:
         raise AgentUnreachable(path, f"connect timed out after {timeout:g} s") from None
     except OSError as exc:
         sock.close()
-        permission = exc.errno in (errno.EACCES, errno.EPERM)
+        permission = exc.errno in (errno.EACCES, errno.EPERM) or _refused_by_another(path, exc)
         raise AgentUnreachable(path, _reason(path, exc), permission=permission) from None
+
+
+def _check_peer(sock: _socket.socket, path: str) -> None:
+    """UntrustedPeer unless the listening process is us or root.
+
+    The kernel records who called listen(); a socket file's owner and mode say nothing (anyone
+    may make a 0666 socket in a directory of their own). Root, who may read any agent's memory
+    anyway, talks to the agent of any user it is pointed at, except at root's own default path:
+    there, any other user is a squatter.
+    """
+    try:
+        peer = _peer_uid(sock)
+    except (OSError, ValueError) as exc:
+        detail = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+        raise UntrustedPeer(
+            path, f"cannot tell who serves the socket at {path} ({detail}): refusing to talk to it"
+        ) from None
+    me = os.getuid()
+    if peer in (me, os.geteuid(), 0) or (me == 0 and not _is_roots_default(path)):
+        return
+    raise UntrustedPeer(
+        path,
+        f"the socket at {path} is served by uid {peer}, not by you (uid {me}):"
+        " refusing to talk to it",
+        peer,
+    )
+
+
+# struct ucred { pid_t pid; uid_t uid; gid_t gid; } (Linux, SO_PEERCRED)
+_UCRED_SIZE = 12
+# struct xucred { u_int cr_version; uid_t cr_uid; short cr_ngroups; gid_t cr_groups[16]; }
+# (macOS and FreeBSD, LOCAL_PEERCRED at level SOL_LOCAL); XUCRED_VERSION is 0.
+_SOL_LOCAL, _LOCAL_PEERCRED, _XUCRED_SIZE = 0, 1, 76
+
+
+def _peer_uid(sock: _socket.socket) -> int:
+    """The effective uid of the process that listens at the other end (no `struct`: its import
+    is not free, and this runs on aem-token's hot path)."""
+    if sys.platform.startswith("linux"):
+        data = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _UCRED_SIZE)
+        if len(data) < 8:
+            raise ValueError(f"SO_PEERCRED gave {len(data)} bytes")
+        return int.from_bytes(data[4:8], sys.byteorder)
+    if sys.platform == "darwin" or sys.platform.startswith(("freebsd", "dragonfly")):
+        return _xucred_uid(sock.getsockopt(_SOL_LOCAL, _LOCAL_PEERCRED, _XUCRED_SIZE))
+    raise ValueError(f"no way to read a Unix socket's peer credentials on {sys.platform}")
+
+
+def _xucred_uid(data: bytes) -> int:
+    """`cr_uid` of a struct xucred; ValueError unless it is complete and of version 0."""
+    if len(data) < 8:
+        raise ValueError(f"LOCAL_PEERCRED gave {len(data)} bytes")
+    version = int.from_bytes(data[0:4], sys.byteorder)
+    if version != 0:
+        raise ValueError(f"LOCAL_PEERCRED gave a struct xucred of version {version}, not 0")
+    return int.from_bytes(data[4:8], sys.byteorder)
+
+
+def _is_roots_default(path: str) -> bool:
+    """Whether `path` lies in a directory root's own default socket path would use."""
+    from aemagent import paths  # only root talking to another user's socket gets here
+
+    try:
+        where = os.stat(path.rpartition("/")[0] or ("/" if path.startswith("/") else "."))
+    except OSError:
+        return True  # cannot tell: assume the worst
+    for candidate in (
+        paths.default_socket_path(),
+        # the /tmp fallback, wherever it applies
+        paths.default_socket_path(platform="linux", environ={}, run_user_base="/nonexistent"),
+    ):
+        try:
+            st = os.stat(candidate.rpartition("/")[0])
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (where.st_dev, where.st_ino):
+            return True
+    return False
 
 
 _REASONS = {
@@ -262,7 +364,7 @@ _REASONS = {
 
 def _reason(path: str, exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM):
-        # Name the owner and mode (LESSONS.md row 17): usually another user's socket or directory.
+        # Name the owner and mode: usually another user's socket or directory.
         parent = path.rpartition("/")[0] or ("/" if path.startswith("/") else ".")
         for where in (path, parent):
             try:
@@ -274,7 +376,29 @@ def _reason(path: str, exc: OSError) -> str:
         return "permission denied"
     if exc.errno == errno.ECONNREFUSED and not _is_socket(path):
         return "not a socket"  # Linux refuses connections to a regular file, too
+    if exc.errno == errno.ECONNREFUSED and sys.platform == "darwin":
+        # macOS refuses when the listen backlog is full, too (Linux says EAGAIN, retried above):
+        # a busy agent, or a stale socket; nothing tells the two apart without a second try.
+        owner = _owner(path)
+        if owner is None or owner == os.getuid():
+            return "connection refused: the agent is busy or gone"
+        return f"connection refused: a socket of uid {owner}, busy or gone"
     return _REASONS.get(exc.errno or 0) or exc.strerror or str(exc)
+
+
+def _refused_by_another(path: str, exc: OSError) -> bool:
+    """macOS: refused by another user's socket; not ours, so `aemagent start` is no fix."""
+    if exc.errno != errno.ECONNREFUSED or sys.platform != "darwin" or os.getuid() == 0:
+        return False
+    owner = _owner(path)
+    return owner is not None and owner != os.getuid()
+
+
+def _owner(path: str) -> int | None:
+    try:
+        return os.stat(path).st_uid
+    except OSError:
+        return None
 
 
 def _is_socket(path: str) -> bool:
