@@ -6,13 +6,14 @@
     urllib.request.Request(url, headers=token.headers())
 
 Ask again for every request, or at least every few minutes, rather than keeping a token: the agent
-answers in about a millisecond, and a long-running program then never holds a stale token
-(LESSONS.md row 5). `aemagent.httpx_auth.AemAgentAuth` does that for httpx.
+answers in about a millisecond, and a long-running program then never holds a stale token.
+`aemagent.httpx_auth.AemAgentAuth` does that for httpx.
 
 Exceptions (one tree, one line each, mirroring aem-token's exit codes):
 
     AgentError          base; also an answer this client does not understand (exit 1)
-      AgentNotRunning   no agent answers at the socket (exit 2)
+      AgentNotRunning   no agent answers at the socket, or another user's process listens there:
+                        nothing is sent to it (exit 2)
       NoSuchProfile     no such profile, no profile matches the URL, or several do (exit 3)
       TokenUnavailable  the profile has no usable token now; IMS's words in the message (exit 4)
       BadRequest        the agent refused the request, e.g. min_valid too long (exit 64)

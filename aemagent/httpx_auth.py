@@ -7,13 +7,13 @@
         http.get("https://author-p123-e456.adobeaemcloud.com/content/x.json")
 
 Every request asks the agent for the current token (about a millisecond over the socket), so a
-program that runs for days never sends a stale one (LESSONS.md row 5). On a 401 it forces ONE
-refresh, proving which token failed by its SHA-256 (the agent refreshes only if that is still the
-current token and it has not forced one in the last minute), then retries once if the agent now has
-a different token; otherwise the 401 is returned as it is.
+program that runs for days never sends a stale one. On a 401 it forces ONE refresh, proving which
+token failed by its SHA-256 (the agent refreshes only if that is still the current token and it has
+not forced one in the last minute), then retries once if the agent now has a different token;
+otherwise the 401 is returned as it is.
 
-The request body is read before sending (`requires_request_body`) so that the retry can resend it
-(LESSONS.md row 13); a streamed upload is therefore held in memory.
+The request body is read before sending (`requires_request_body`) so that the retry can resend
+it; a streamed upload is therefore held in memory.
 
 The agent is asked with blocking standard-library socket calls (`aemagent.client`). In the async
 flow they run in a worker thread through anyio (which httpx itself depends on; it works under
@@ -21,7 +21,8 @@ asyncio and trio), so a refresh that takes seconds does not stall the event loop
 they would block the loop for that long.
 
 The agent's errors propagate as `aemagent.client` exceptions (`NoSuchProfile` when no profile
-matches the URL's host: nothing is sent to a host the agent does not know).
+matches the URL's host: nothing is sent to a host the agent does not know; `AgentNotRunning` when
+no agent of ours answers, including a socket served by another user, to which nothing is sent).
 """
 
 from __future__ import annotations

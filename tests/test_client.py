@@ -344,7 +344,7 @@ async def test_async_auth_under_trio(fake, aem):
 
 
 def revoke(ims: procs.EmulatorProcess, token: str) -> None:
-    """IMS.md section 6: invalidate a token the way Adobe's clients do."""
+    """Invalidate a token the way Adobe's clients do."""
     account = json.loads(Path(ims.credentials["service"]).read_text())["integration"]
     form = urllib.parse.urlencode(
         {
