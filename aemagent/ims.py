@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
+import math
 import re
 import ssl
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Self, assert_never, cast
-from urllib.parse import quote_plus, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import jwt
@@ -74,6 +76,14 @@ MAX_ANSWER = 256 * 1024
 _FRAMING = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 # A lifetime longer than this is garbage, not a token (IMS's are 24 h).
 _MAX_LIFETIME = 366 * 86400.0
+# IMS documents 24 h access tokens: a longer lifetime (up to _MAX_LIFETIME) is believed only this
+# far, with a warning, so a wrong unit or a lying answer cannot keep a token for weeks.
+LIFETIME_CAP = 25 * 3600.0
+# A token living less than this is no token: refreshing it would mean several IMS requests a
+# second. It is an IMS error (transient: retried with backoff). Loopback IMS bases (the emulator,
+# whose short tokens exercise refreshing) may go lower.
+MIN_LIFETIME = 60.0
+MIN_LIFETIME_LOOPBACK = 5.0
 _UNUSABLE = "IMS answered 200 without a usable token"
 _PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
 _NO_REFRESH = (
@@ -116,6 +126,7 @@ def token_lifetime(access_token: str, response_expires_in: object, *, unit_ms: b
 
     Either value is skipped when it is missing, not a number, not positive or above a year.
     Neither usable -> IMSTransientError: a garbled 200 (a proxy, a glitch) may well be fine later.
+    Not capped here: `_grant` caps at LIFETIME_CAP and at what the token's `created_at` leaves.
     """
     own = _seconds(_token_payload(access_token).get("expires_in"), unit_ms=True)
     if own is not None:
@@ -181,11 +192,29 @@ def _clean(value: object, limit: int) -> str | None:
 
 
 def _redacted(value: object, secrets: tuple[str, ...]) -> object:
-    """`value` with every secret in `secrets` replaced by <redacted> (non-strings as they are)."""
+    """`value` with every secret in `secrets` replaced by <redacted> (non-strings as they are).
+
+    A secret is found in any percent-encoding too: each of its characters raw or as %XX of its
+    UTF-8 bytes, in any case, a space also as `+` (what a form encoder, a proxy or a log
+    formatter in between may have made of it).
+    """
     if isinstance(value, str):
         for secret in filter(None, secrets):
-            value = value.replace(secret, "<redacted>")
+            value = _secret_pattern(secret).sub("<redacted>", value)
     return value
+
+
+@functools.lru_cache(maxsize=64)
+def _secret_pattern(secret: str) -> re.Pattern[str]:
+    # Case-blind: hex digits come in either case, and a secret with its letters case-folded by
+    # something in between is still the secret.
+    return re.compile("".join(_char_pattern(char) for char in secret), re.IGNORECASE)
+
+
+def _char_pattern(char: str) -> str:
+    escapes = "".join(f"%{b:02X}" for b in char.encode())
+    ways = [re.escape(char), escapes] + (["\\+"] if char == " " else [])
+    return f"(?:{'|'.join(ways)})"
 
 
 def _hint(error: str | None, description: str | None, *, kind: str, revoking: bool) -> str | None:
@@ -207,7 +236,9 @@ def _hint(error: str | None, description: str | None, *, kind: str, revoking: bo
                 "compare them with its credential in the Adobe Developer Console"
             )
         return None
-    if error == "invalid_token" and "expire" in said:
+    if error == "invalid_token" and (
+        "expire" in said or ("exp" in said and ("ahead" in said or "future" in said))
+    ):
         return "clock skew? check this machine's clock"
     if error == "invalid_signature" or (
         error == "invalid_token" and ("signature" in said or "binding" in said)
@@ -283,7 +314,12 @@ def error_from_response(
 
 
 def _jwt_expired(error: IMSError) -> bool:
-    return error.error == "invalid_token" and "expire" in (error.description or "").lower()
+    """IMS refused the JWT's times: `exp` in its past, or too far in its future (the clock here
+    is more than a day ahead: the emulator says "JWT exp claim is more than 24 hours ahead")."""
+    said = (error.description or "").lower()
+    return error.error == "invalid_token" and (
+        "expire" in said or ("exp" in said and ("ahead" in said or "future" in said))
+    )
 
 
 # --- the client -----------------------------------------------------------------------------------
@@ -371,7 +407,7 @@ class IMSClient:
         raise error_from_response(
             response,
             now_wall=self._clock.now().wall,
-            redact=(secret, quote_plus(secret), value, quote_plus(value)),
+            redact=(secret, value),
             kind=credential.kind,
             revoking=True,
         )
@@ -391,11 +427,11 @@ class IMSClient:
             client, f"{cred.ims_base}/ims/token/v3", urlencode(form).encode("ascii")
         )
         if response.is_success:
-            return _grant(response, sent, unit_ms=False)  # expires_in in seconds here
+            return _grant(response, sent, unit_ms=False, ims_base=cred.ims_base)  # seconds here
         raise error_from_response(
             response,
             now_wall=self._clock.now().wall,
-            redact=(secret, quote_plus(secret)),
+            redact=(secret,),
             kind=cred.kind,
         )
 
@@ -403,7 +439,7 @@ class IMSClient:
         url = f"{cred.ims_base}/ims/exchange/jwt"
         response, sent, redact = await self._post_jwt(url, cred, self._clock.now().wall)
         if response.is_success:
-            return _grant(response, sent, unit_ms=True)
+            return _grant(response, sent, unit_ms=True, ims_base=cred.ims_base)
         error = error_from_response(response, now_wall=self._clock.now().wall, redact=redact)
         if not _jwt_expired(error):
             raise error
@@ -412,13 +448,13 @@ class IMSClient:
             raise _clock_skew(error, "check this machine's clock (IMS sent no Date to compare)")
         skew = self._clock.now().wall - ims_now
         log.warning(
-            "IMS says the JWT for %s expired; retrying once on IMS's clock (%+.0f s off)",
+            "IMS refused the times of the JWT for %s; retrying once on IMS's clock (%+.0f s off)",
             cred.client_id,
             skew,
         )
         response, sent, redact = await self._post_jwt(url, cred, self._clock.now().wall - skew)
         if response.is_success:
-            return _grant(response, sent, unit_ms=True)
+            return _grant(response, sent, unit_ms=True, ims_base=cred.ims_base)
         error = error_from_response(response, now_wall=self._clock.now().wall, redact=redact)
         if _jwt_expired(error):
             raise _clock_skew(
@@ -437,7 +473,7 @@ class IMSClient:
         client = self._client_for(cred.ims_base)
         sent = self._clock.now()
         response = await self._post(client, url, urlencode(form).encode("ascii"))
-        return response, sent, (secret, quote_plus(secret), assertion)
+        return response, sent, (secret, assertion)
 
     async def _post(
         self,
@@ -455,6 +491,7 @@ class IMSClient:
                 )
                 response = await client.send(request, stream=True)
                 try:
+                    _refuse_encoded(response, where)
                     content = await _read_capped(response, where)
                 finally:
                     await response.aclose()
@@ -471,7 +508,7 @@ class IMSClient:
             elif said.startswith("407"):
                 hint = "the proxy wants a login: put user and password in the proxy URL"
             raise IMSTransientError(f"could not reach IMS at {where}: {said}", hint=hint) from exc
-        # The body is decoded already: the copy must not say it is compressed.
+        # Never compressed (refused above); the copy's length is the content's own.
         kept = [(k, v) for k, v in response.headers.multi_items() if k.lower() not in _FRAMING]
         return httpx.Response(response.status_code, headers=kept, content=content, request=request)
 
@@ -491,7 +528,13 @@ class IMSClient:
                 client = httpx.AsyncClient(
                     transport=self._transport,
                     timeout=self._timeout,
-                    headers={"User-Agent": _USER_AGENT, "Accept": "application/json"},
+                    # Identity: an answer compressed many times over (a few KiB that inflate to
+                    # gigabytes) must never reach a decompressor. `_refuse_encoded` checks.
+                    headers={
+                        "User-Agent": _USER_AGENT,
+                        "Accept": "application/json",
+                        "Accept-Encoding": "identity",
+                    },
                     follow_redirects=False,  # a redirect must not carry the secret elsewhere
                     **options,
                 )
@@ -511,11 +554,39 @@ class IMSClient:
         return {"trust_env": True, "proxy": self._proxy, "verify": verify}
 
 
+def _refuse_encoded(response: httpx.Response, where: str) -> None:
+    """Refuse a compressed answer (identity was asked for) before reading a byte of it.
+
+    Refused rather than inflated with a bound: IMS answers are a few KiB of JSON and IMS honours
+    `Accept-Encoding: identity`, so a Content-Encoding means a broken or hostile hop; and
+    refusing keeps every decompressor (gzip, deflate, br, zstd, stacked) out of the daemon.
+    Transient: a proxy's glitch may pass.
+    """
+    encodings = [
+        e.strip().lower()
+        for value in response.headers.get_list("content-encoding")
+        for e in value.split(",")
+    ]
+    encodings = [e for e in encodings if e and e != "identity"]
+    if encodings:
+        shown = ", ".join(encodings)
+        if not re.fullmatch(r"[a-z0-9, -]{1,60}", shown):
+            shown = "an unknown coding"
+        raise IMSTransientError(
+            f"IMS at {where} answered with Content-Encoding {shown} although identity was asked",
+            http_status=response.status_code,
+        )
+
+
 async def _read_capped(response: httpx.Response, where: str) -> bytes:
-    """The (decoded) body, refused beyond MAX_ANSWER: IMS answers are a few KiB."""
+    """The body as sent (never decompressed), refused beyond MAX_ANSWER: IMS answers are a few
+    KiB, and the cap counts the bytes that arrive."""
+    if response.is_stream_consumed:  # an in-memory answer (httpx.MockTransport): no stream
+        chunks_of = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
+    else:
+        chunks_of = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
     chunks, size = [], 0
-    # aiter_bytes() is an async generator (typed as an iterator): close it even when we stop.
-    chunks_of = cast("AsyncGenerator[bytes, None]", response.aiter_bytes())
+    # Either is an async generator (typed as an iterator): close it even when we stop.
     async with contextlib.aclosing(chunks_of) as body:
         async for chunk in body:
             size += len(chunk)
@@ -527,7 +598,7 @@ async def _read_capped(response: httpx.Response, where: str) -> bytes:
     return b"".join(chunks)
 
 
-def _grant(response: httpx.Response, sent: Now, *, unit_ms: bool) -> Grant:
+def _grant(response: httpx.Response, sent: Now, *, unit_ms: bool, ims_base: str) -> Grant:
     try:
         body = json.loads(response.content)
     except (ValueError, RecursionError):
@@ -538,13 +609,64 @@ def _grant(response: httpx.Response, sent: Now, *, unit_ms: bool) -> Grant:
     # A token goes into an Authorization header: printable ASCII without spaces, or it is garbage.
     if not isinstance(token, str) or not re.fullmatch(r"[\x21-\x7e]+", token):
         raise IMSTransientError(_UNUSABLE, http_status=response.status_code)
-    lifetime = token_lifetime(token, body.get("expires_in"), unit_ms=unit_ms)
+    said = token_lifetime(token, body.get("expires_in"), unit_ms=unit_ms)
+    lifetime = min(said, LIFETIME_CAP)
+    if said > lifetime:
+        log.warning(
+            "IMS says a token lives %.0f s; believing at most %.0f s (IMS's tokens live 24 h)",
+            said,
+            LIFETIME_CAP,
+        )
+    left = _left_by_created_at(token, said, response, sent)
+    if left is not None and left < lifetime:
+        log.warning(
+            "IMS answered with a token whose created_at is %.0f s old; it has %.0f s left",
+            said - left,
+            left,
+        )
+        lifetime = left
+    loopback = is_loopback_host(urlsplit(ims_base).hostname or "")
+    floor = MIN_LIFETIME_LOOPBACK if loopback else MIN_LIFETIME
+    if lifetime <= 0:
+        raise IMSTransientError(
+            "IMS answered with a token that has expired already (by its created_at)",
+            http_status=response.status_code,
+        )
+    if lifetime < floor:
+        raise IMSTransientError(
+            f"IMS answered with a token valid for only {lifetime:.3g} s, less than {floor:g} s",
+            http_status=response.status_code,
+        )
     return Grant(access_token=Secret(token), lifetime=lifetime, sent=sent)
 
 
+def _left_by_created_at(
+    token: str, lifetime: float, response: httpx.Response, sent: Now
+) -> float | None:
+    """Seconds the token has left by its own `created_at` (ms) plus `lifetime`, or None.
+
+    Its age is read on IMS's clock (the answer's Date; our send time without one), so a clock
+    here that is off does not make a fresh token look old, nor an old one fresh.
+    """
+    value = _token_payload(token).get("created_at")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        created = float(value) / 1000
+    except (ValueError, OverflowError):
+        return None
+    if not math.isfinite(created):
+        return None
+    ims_now = _http_date(response.headers.get("date")) or sent.wall
+    # Date has whole seconds: an age under a second is noise, and a negative one says nothing.
+    age = ims_now - created
+    return lifetime - age if age > 1.0 else None
+
+
 def _clock_skew(error: IMSError, advice: str) -> ClockSkewError:
+    said = "expired" if "expire" in (error.description or "").lower() else "is from the future"
     return ClockSkewError(
-        f"IMS says the JWT expired (HTTP {error.http_status})",
+        f"IMS says the JWT {said} (HTTP {error.http_status})",
         http_status=error.http_status,
         error=error.error,
         description=error.description,
