@@ -15,8 +15,14 @@ sleeps, reads a clock or touches the network, so every rule below is tested with
 * Transient failures back off exponentially with full jitter (a floor of `backoff_initial`, up to
   `backoff_max`), never sooner than IMS's `Retry-After`. Retry times live on the boot clock, which
   never goes backwards. Permanent failures block automatic refreshes until a manual one.
+* Whatever the margin says, the timer never refreshes sooner than `min_refresh_interval` (30 s,
+  at most half the lifetime) after the last successful fetch: a margin as long as the lifetime
+  (a refresh_fraction plus jitter near 1) must not become a loop of IMS requests.
 * `min_valid` is a hard condition on the token served. Without one, the default is 60 s capped at
-  a quarter of the lifetime, so short-lived test tokens still serve.
+  a quarter of the lifetime, so short-lived test tokens still serve. One a fresh token cannot
+  meet is a usage error, known before any IMS request once the lifetime is known: a token
+  is served some time after IMS made it, so the most it can promise is the lifetime less
+  `fetch_margin` (a minute, at most a tenth of the lifetime).
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ class PolicySettings:
     request_wait: float = 20.0
     # Forced refreshes (git `erase`, a client's retry after a 401) at most this often.
     forced_refresh_interval: float = 60.0
+    # The timer's refreshes at most this often (capped at half the lifetime), whatever the margin.
+    min_refresh_interval: float = 30.0
+    # What a fresh token may have lost before it is served (capped at a tenth of the lifetime):
+    # a min_valid above the lifetime less this is refused.
+    fetch_margin: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,11 @@ class TokenTimes:
 
     def refresh_due(self, now: Now) -> bool:
         return self.remaining(now) <= self.refresh_margin
+
+    @property
+    def fetched_boot(self) -> float:
+        """The boot-clock time the token was asked for (its expiry less its lifetime)."""
+        return self.boot_expiry - self.lifetime
 
     def refresh_at_wall(self, now: Now) -> float:
         """The wall-clock time the refresh is due, as `status` shows it."""
@@ -93,9 +109,12 @@ def effective_min_valid(
         return min(settings.default_min_valid, lifetime / 4)
     if requested < 0:
         raise UsageError(f"min_valid must not be negative, got {requested:g}")
-    if requested > lifetime:
+    margin = min(settings.fetch_margin, lifetime / 10)
+    if requested >= lifetime - margin:
         raise UsageError(
-            f"min_valid {requested:g} s is longer than a fresh token lives ({lifetime:.0f} s)"
+            f"min_valid {requested:g} s is longer than a fresh token is valid when served:"
+            f" it lives {round(lifetime, 1):g} s, less {round(margin, 1):g} s for fetching it;"
+            f" ask for less than {round(lifetime - margin, 1):g} s"
         )
     return requested
 
@@ -173,7 +192,15 @@ class Schedule:
         """Whether the timer should fetch a new token now."""
         if not self.may_fetch(now):
             return False
-        return self.token is None or self.token.refresh_due(now)
+        if self.token is None:
+            return True
+        return self.token.refresh_due(now) and now.boot >= self._earliest_refresh()
+
+    def _earliest_refresh(self) -> float:
+        """Boot time before which the timer does not refresh the token (min_refresh_interval)."""
+        assert self.token is not None
+        floor = min(self.settings.min_refresh_interval, self.token.lifetime / 2)
+        return self.token.fetched_boot + floor
 
     def seconds_until_due(self, now: Now) -> float:
         """How long the timer may sleep before deciding again: never longer than wake_interval."""
@@ -182,7 +209,8 @@ class Schedule:
             if self.retry_at is not None:
                 wait = min(wait, self.retry_at - now.boot)
             elif self.token is not None:
-                wait = min(wait, self.token.remaining(now) - self.token.refresh_margin)
+                due = self.token.remaining(now) - self.token.refresh_margin
+                wait = min(wait, max(due, self._earliest_refresh() - now.boot))
             else:
                 wait = 0.0
         return max(0.0, wait)
@@ -195,4 +223,5 @@ class Schedule:
             return now.wall + max(0.0, self.retry_at - now.boot)
         if self.token is None:
             return now.wall
-        return max(now.wall, self.token.refresh_at_wall(now))
+        earliest = now.wall + self._earliest_refresh() - now.boot
+        return max(now.wall, self.token.refresh_at_wall(now), earliest)

@@ -64,7 +64,8 @@ def test_min_valid_default_is_60_s_capped_at_a_quarter_lifetime():
     assert effective_min_valid(None, DAY, S) == 60
     assert effective_min_valid(None, 120, S) == 30
     assert effective_min_valid(300, DAY, S) == 300
-    assert effective_min_valid(DAY, DAY, S) == DAY
+    assert effective_min_valid(DAY - 61, DAY, S) == DAY - 61
+    assert effective_min_valid(0, DAY, S) == 0
 
 
 def test_min_valid_longer_than_a_fresh_token_is_a_usage_error():
@@ -72,6 +73,27 @@ def test_min_valid_longer_than_a_fresh_token_is_a_usage_error():
         effective_min_valid(DAY + 1, DAY, S)
     with pytest.raises(UsageError):
         effective_min_valid(-1, DAY, S)
+
+
+@pytest.mark.parametrize(
+    ("requested", "lifetime"),
+    [(DAY, DAY), (DAY - 60, DAY), (DAY - 59.5, DAY), (7.2, 8.0), (8.0, 8.0), (54.0, 60.0)],
+)
+def test_min_valid_at_the_lifetime_boundary_is_a_usage_error(requested, lifetime):
+    """A token is served some time after IMS made it: it can never have all its lifetime left.
+    Asking for it would fetch a token on every call and still fail (exit 4, not 64)."""
+    with pytest.raises(UsageError, match="longer than a fresh token") as info:
+        effective_min_valid(requested, lifetime, S)
+    if lifetime == DAY:
+        assert str(info.value) == (
+            f"min_valid {requested:g} s is longer than a fresh token is valid when served:"
+            " it lives 86400 s, less 60 s for fetching it; ask for less than 86340 s"
+        )
+
+
+def test_min_valid_just_inside_the_boundary_is_served():
+    assert effective_min_valid(DAY - 60.5, DAY, S) == DAY - 60.5
+    assert effective_min_valid(7.0, 8.0, S) == 7.0  # a tenth of a short lifetime is the margin
 
 
 @pytest.mark.parametrize(
@@ -114,6 +136,33 @@ def test_schedule_timer_sleeps_until_due_but_never_beyond_wake_interval():
     assert s.seconds_until_due(later(T0, 70000)) == 0.0
     assert s.refresh_due(later(T0, 64800))
     assert s.next_refresh_wall(T0) == T0.wall + 64800
+
+
+@pytest.mark.parametrize("lifetime", [DAY, 120.0, 8.0])
+def test_schedule_never_refreshes_sooner_than_the_floor_after_a_success(lifetime):
+    """A margin as long as the lifetime (refresh_fraction 0.9 plus jitter 0.5, both accepted by
+    the config) would make every fresh token due at once: a loop of IMS requests. The timer
+    waits min(30 s, half the lifetime) after the fetch whatever the margin says."""
+    settings = PolicySettings(refresh_fraction=0.9, refresh_jitter=0.5)
+    floor = min(30.0, lifetime / 2)
+    schedule = Schedule(settings)
+    schedule.on_success(fetched_token_times(lifetime, T0, 1.0, settings))
+    assert schedule.token is not None
+    assert schedule.token.refresh_due(T0)  # the margin alone says "now"
+    assert not schedule.refresh_due(T0)
+    assert not schedule.refresh_due(later(T0, floor - 0.5))
+    assert schedule.seconds_until_due(T0) == floor
+    assert schedule.next_refresh_wall(T0) == T0.wall + floor
+    assert schedule.refresh_due(later(T0, floor))
+    assert schedule.seconds_until_due(later(T0, floor)) == 0.0
+
+
+def test_schedule_floor_does_not_delay_an_ordinary_refresh():
+    schedule = Schedule(S)
+    schedule.on_success(fetched_token_times(DAY, T0, 0.0, S))
+    assert not schedule.refresh_due(later(T0, 64799))
+    assert schedule.refresh_due(later(T0, 64800))
+    assert schedule.seconds_until_due(later(T0, 64790)) == 10.0
 
 
 def test_schedule_transient_failures_back_off_on_the_boot_clock():
