@@ -63,7 +63,7 @@ async def _exchange(path: str) -> bytes:
 
 
 async def test_a_failure_in_one_connection_closes_it_and_the_daemon_serves_the_next(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    base: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """peer_uid raising an unexpected OSError (getsockopt's EIO, say) or a struct.error (an
     answer of a size nobody expected), injected here: that client is closed without an answer,
@@ -82,7 +82,7 @@ async def test_a_failure_in_one_connection_closes_it_and_the_daemon_serves_the_n
         return real(conn)
 
     monkeypatch.setattr(daemon, "peer_uid", failing_peer_uid)
-    directory = tmp_path / "run"
+    directory = base / "run"  # `base`: short enough for a socket path on macOS too
     directory.mkdir(mode=0o700)
     settings = DaemonSettings(socket_path=str(directory / "agent.sock"))
     with trio.fail_after(20):

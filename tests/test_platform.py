@@ -57,14 +57,14 @@ def test_darwin_asks_confstr_by_number(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_darwin_prefers_tmpdir_as_launchd_sets_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """$TMPDIR, when it is launchd's (here: tmp_path stands for /var/folders), is used without
-    asking confstr."""
-    temp = tmp_path / "T"
+    """$TMPDIR, when it is launchd's, is used without asking confstr. `base`, a short
+    directory as /var/folders/…/T/ is, stands for /var/folders here."""
+    temp = base / "T"
     temp.mkdir(mode=0o700)
     temp.chmod(0o700)
-    monkeypatch.setattr(paths, "_DARWIN_TEMP_ROOTS", (str(tmp_path) + "/",))
+    monkeypatch.setattr(paths, "_DARWIN_TEMP_ROOTS", (str(base) + "/",))
     fake = FakeConfstr("/elsewhere/")
     monkeypatch.setattr(os, "confstr", fake)
     assert _darwin(environ={"TMPDIR": f"{temp}/"}) == f"{temp}/aemagent/agent.sock"
@@ -73,14 +73,14 @@ def test_darwin_prefers_tmpdir_as_launchd_sets_it(
 
 @pytest.mark.parametrize("case", ["group-writable", "world-writable", "not-ours", "elsewhere"])
 def test_darwin_ignores_a_tmpdir_that_is_not_launchds(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+    base: Path, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
     """A TMPDIR others can write to (TMPDIR=/tmp), someone else's, or one of the user's own
     choosing (which a GUI app or cron job would not see): confstr decides."""
-    temp = tmp_path / "T"
+    temp = base / "T"
     temp.mkdir(mode=0o700)
     temp.chmod({"group-writable": 0o770, "world-writable": 0o1777}.get(case, 0o700))
-    roots = "/nowhere/" if case == "elsewhere" else str(tmp_path) + "/"
+    roots = "/nowhere/" if case == "elsewhere" else str(base) + "/"
     monkeypatch.setattr(paths, "_DARWIN_TEMP_ROOTS", (roots,))
     monkeypatch.setattr(os, "confstr", FakeConfstr(TEMP))
     uid = UID + 4242 if case == "not-ours" else UID
@@ -198,8 +198,10 @@ def test_linux_peer_uid_refuses_a_short_answer() -> None:
     assert unixsocket.peer_uid(FakeSocket(b"\0" * 8), platform="linux") is None  # type: ignore[arg-type]
 
 
-def test_peer_uid_of_a_real_connection(tmp_path: Path) -> None:
-    path = str(tmp_path / "s")
+def test_peer_uid_of_a_real_connection(base: Path) -> None:
+    """The real getsockopt: SO_PEERCRED here, LOCAL_PEERCRED on macOS (in CI). `base` is a
+    short directory: macOS's tmp_path is too long for a socket path."""
+    path = str(base / "s")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
         server.bind(path)
         server.listen()
@@ -236,13 +238,13 @@ def test_darwin_asks_a_refusing_socket_again_before_calling_it_stale(
     assert answers == [True]
 
 
-def test_a_stale_socket_refuses_and_a_listening_one_accepts(tmp_path: Path) -> None:
-    stale = str(tmp_path / "stale")
+def test_a_stale_socket_refuses_and_a_listening_one_accepts(base: Path) -> None:
+    stale = str(base / "stale")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
         dead.bind(stale)  # bound, never listening: what a killed daemon leaves behind
     assert unixsocket._connect_once(stale) is None
-    assert unixsocket._connect_once(str(tmp_path / "missing")) is False
-    live = str(tmp_path / "live")
+    assert unixsocket._connect_once(str(base / "missing")) is False
+    live = str(base / "live")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(live)
         listener.listen()
