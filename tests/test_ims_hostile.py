@@ -28,6 +28,8 @@ from keys import ims_token
 from test_ims import IMS_NOW, FakeIMS, credential, form, oauth
 
 from aemagent.clocks import FakeClock
+from aemagent.emulator_faults import Fault
+from aemagent.emulator_tokens import Refusal
 from aemagent.errors import ClockSkewError, IMSPermanentError, IMSTransientError
 from aemagent.ims import LIFETIME_CAP, error_from_response
 
@@ -422,3 +424,38 @@ def test_min_valid_at_the_lifetime_is_a_usage_error_without_ims_calls(
         assert re.search(r"ask for less than 863\d\d(\.\d)? s", line)
     assert ims.http("GET", "/_emulator/stats")["exchanges"] <= 1
     assert agent.token("--min-valid", "86000").returncode == 0
+
+
+# ---- the emulator's raw-answer fault ---------------------------------------------------------
+
+
+async def test_the_raw_body_fault_answers_exactly_those_bytes_and_headers():
+    raw = bytes(range(256))
+    _, _, fault = Fault.parse(
+        {
+            "endpoint": "jwt",
+            "raw_body_b64": base64.b64encode(raw).decode(),
+            "headers": {"Content-Encoding": "gzip, gzip", "Content-Type": "text/plain"},
+        }
+    )
+    answer = await fault.apply()
+    assert answer is not None
+    assert (answer.status, answer.body, answer.content_type) == (200, raw, "text/plain")
+    assert answer.headers == (("Content-Encoding", "gzip, gzip"),)
+
+
+@pytest.mark.parametrize(
+    ("obj", "said"),
+    [
+        ({"raw_body_b64": "not base64!"}, "raw_body_b64 must be a base64 string"),
+        ({"raw_body_b64": 5}, "raw_body_b64 must be a base64 string"),
+        ({"headers": {"X": 1}}, "headers must be an object of strings"),
+        ({"headers": ["X"]}, "headers must be an object of strings"),
+        ({"headers": {"Content-Length": "5"}}, "headers must not set content-length"),
+        ({"raw_body": "x"}, "unknown fault keys: raw_body"),
+    ],
+)
+def test_the_raw_body_fault_is_parsed_strictly(obj, said):
+    with pytest.raises(Refusal) as info:
+        Fault.parse(obj)
+    assert info.value.description == said
