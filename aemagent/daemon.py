@@ -416,7 +416,8 @@ def _one_line(exc: BaseException) -> str:
         return f"{type(exc).__name__} ({exc.strerror or errno.errorcode.get(exc.errno or 0, '?')})"
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_one_line(e) for e in exc.exceptions)
-    return type(exc).__name__
+    kind = type(exc)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
 
 
 # ptrace(2) on macOS: "deny future attaches", as ssh-agent does (platform_disable_tracing).

@@ -98,7 +98,7 @@ async def test_a_failure_in_one_connection_closes_it_and_the_daemon_serves_the_n
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
         "closed a connection after an error: OSError (Input/output error)",
-        "closed a connection after an error: error",
+        "closed a connection after an error: struct.error",
     ]
 
 
