@@ -20,7 +20,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the bench reads /proc"),
+]
 
 
 def test_the_quick_bench_runs_every_section_and_writes_the_report(base: Path) -> None:
