@@ -7,8 +7,9 @@
   slow, and is never touched.
 * The socket is bound under a temporary name, listens, and only then is renamed into place, so
   the path never names a socket that refuses connections. An existing socket is replaced only
-  when connecting to it is refused (stale); one that accepts belongs to a listener that holds no
-  lock, such as a systemd socket unit, and is left alone.
+  when connecting to it is refused (stale; on macOS, which also refuses when a live listener's
+  backlog is full, refused again over ~100 ms); one that accepts belongs to a listener that holds
+  no lock, such as a systemd socket unit, and is left alone.
 * Under socket activation (sd_listen_fds(3)) systemd binds the socket; `inherited_socket` takes
   it from fd 3 and names its path, so that the lock and the displacement check still apply.
 * `DirectoryWatch` wakes the displacement check when an entry of the socket's directory changes
