@@ -1,25 +1,31 @@
-"""HTTP/1.1 server loop over a trio stream: a small, strict parser of our own.
+"""HTTP/1.1 server loop over a trio stream, with h11 as the parser.
 
-Theory of operation. `serve_http` owns one connection: it reads bytes into a buffer until a
-request head is complete, parses it, reads the body the head announces (Content-Length or
-chunked), awaits the handler (a plain async function `Request -> Response`, with no knowledge of
-sockets) and writes the `Response` back, then loops for the next request on the same connection
-(keep-alive; pipelined bytes stay in the buffer) until either side closes.
+Theory of operation. `serve_http` owns one connection: it feeds the bytes it receives to an h11
+state machine, turns each complete request into a `Request`, awaits the handler (a plain async
+function `Request -> Response`, with no knowledge of sockets) and writes the `Response` back,
+then loops for the next request on the same connection (keep-alive; pipelined bytes stay in h11's
+buffer) until either side closes.
 
-Everything the peer can get wrong ends that connection and nothing else: malformed HTTP gets
-400, a head or body over the limits gets 413 (decided before the body is read), a connection that
-idles or trickles a request slower than the limits allow is closed without an answer, a peer that
-hangs up is let go quietly, and a handler that raises gets 500 with the traceback logged. The
-loop itself never raises, so one bad client cannot take down the daemon's nursery. `serve_http`
-closes the stream when it returns.
+Everything the peer can get wrong ends that connection and nothing else: malformed HTTP (whatever
+h11 refuses) gets 400, a head, a body or a header count over the limits gets 413 (decided before
+the body is read), a peer that hangs up is let go quietly, and a handler that raises gets 500
+with the traceback logged. The loop itself never raises, so one bad client cannot take down the
+daemon's nursery; `serve_http` closes the stream when it returns.
 
-Why not h11: it was most of the daemon's cost per request (bench/, docs/BENCHMARKS.md). A request
-from our callers is a request line and a few headers; this parser is RFC 9112 for that subset and
-strict about the rest: CRLF or bare LF line ends, no obsolete line folding, no whitespace before a
-header's colon, exactly one Host on HTTP/1.1, Content-Length and Transfer-Encoding never together,
-only the chunked transfer coding, HTTP/1.0 and 1.1 only (1.0 connections close after one answer).
-`SocketIO` is a lean `trio.abc.Stream` over a connected trio socket, for the same reason:
-`trio.SocketStream` costs a few extra microseconds per call that the daemon pays per request.
+Every wait has a deadline, so no peer holds a connection (and the daemon's slot) for free:
+
+* between requests, `idle_timeout`, and at most `idle_total` summed over the connection's life;
+* a request, from its first byte (the first received after the previous answer) to its last:
+  `request_timeout`, however the bytes trickle in; h11 refuses empty lines before a request
+  line, so they cannot restart it;
+* every write: `send_timeout`. A peer that pipelines requests and never reads its answers fills
+  the socket's buffer; once a write has waited that long, the connection is closed.
+
+A peer that runs out a deadline is closed without an answer (no 408: a slow peer gets nothing
+for its trouble).
+
+`SocketIO` is a lean `trio.abc.Stream` over a connected trio socket: `trio.SocketStream` costs a
+few extra microseconds per call that the daemon pays per request.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+import h11
 import trio
 
 from aemagent import __version__
@@ -51,18 +58,9 @@ _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # Framing is ours to decide; a handler setting these would corrupt the connection.
 _RESERVED_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 _SERVER = f"aemagent/{__version__}"
-
-# RFC 9110 5.6.2 token; request-target is visible ASCII (RFC 9112 3.2); field values are VCHAR,
-# obs-text, SP and HTAB (RFC 9110 5.5).
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([!-~]+) HTTP/(1\.[01])")
-# The value is stripped with bytes.strip, not in the pattern: `[ \t]*(.*?)[ \t]*` backtracks
-# quadratically over a run of blanks inside a value (0.8 s for one 16 KiB line).
-_FIELD = re.compile(rb"(" + _TOKEN + rb"):(.*)")
-_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})[ \t]*(?:;[^\r\n]*)?")
-_CHUNK_LINE_MAX = 1024  # a chunk-size line with its extensions, or one trailer line
+# h11 (0.16) refuses a Content-Length of more digits; older h11 would int() any number of them,
+# and past 4,300 digits int() raises ValueError. Checked again here, before we convert it.
+_MAX_LENGTH_DIGITS = 20
 
 
 class DropConnection(Exception):
@@ -110,8 +108,11 @@ Handler = Callable[[Request], Awaitable[Response]]
 class Limits:
     max_head: int = 16 * 1024  # request line + headers; more -> 413
     max_body: int = 1024 * 1024  # more -> 413
+    max_headers: int = 100  # header fields in a head, or trailer fields; more -> 413
     request_timeout: float = 10.0  # from the first byte of a request to its last
     idle_timeout: float = 30.0  # keep-alive idle before the connection is closed
+    idle_total: float = 300.0  # keep-alive idle summed over a connection's life
+    send_timeout: float = 5.0  # for each answer to be written: the peer must read
 
 
 DEFAULT_LIMITS = Limits()
@@ -127,8 +128,8 @@ class _Reject(Exception):
         self.response = response
 
 
-class _PeerGone(Exception):
-    """The peer closed its side before a request was complete: nobody to answer."""
+class _Stalled(Exception):
+    """The peer did not take an answer within `send_timeout`: close without more ado."""
 
 
 def _bad_request(message: str) -> _Reject:
@@ -193,6 +194,8 @@ async def serve_http(
         await connection.serve(handler)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the peer hung up
+    except _Stalled:
+        logger.debug("closed a connection whose peer did not read its answer")
     except Exception:
         # A bug here must cost one connection, not the server.
         logger.exception("HTTP connection failed")
@@ -203,213 +206,123 @@ async def serve_http(
             await trio.aclose_forcefully(stream)
 
 
-@dataclass
-class _Head:
-    """A parsed request head, before its body is read."""
-
-    request: Request
-    close: bool  # answer with Connection: close and end the connection
-    length: int  # Content-Length, or -1 for a chunked body
-    expect_continue: bool
-
-
 class _Connection:
     def __init__(self, stream: trio.abc.Stream, limits: Limits) -> None:
         self.stream = stream
         self.limits = limits
-        self.buffer = bytearray()
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
+        self.eof = False
         self.method = ""  # of the request being read, once its head is parsed
+        self.idle_left = limits.idle_total
 
     async def serve(self, handler: Handler) -> None:
         while True:
             try:
-                head = await self.receive_request()
+                request = await self.receive_request()
             except _Reject as reject:
                 await self.send(reject.response, self.method, close=True)
                 await self.linger()
                 return
-            if head is None:
+            except _PeerGone:
+                return  # the peer left mid-request: nobody to answer
+            if request is None:
                 return
-            if not await self.respond(handler, head):
+            if not await self.respond(handler, request):
                 return
+            self.h11.start_next_cycle()
 
     # ---- reading
 
-    async def _fill(self) -> None:
-        data = await self.stream.receive_some(_RECEIVE_SIZE)
-        if not data:
-            raise _PeerGone
-        self.buffer += data
-
-    async def receive_request(self) -> _Head | None:
+    async def receive_request(self) -> Request | None:
         """The next complete request, or None when the connection should close quietly."""
         limits = self.limits
-        self.method = ""
+        now = trio.current_time()
         # Bytes of a pipelined request may already be buffered: then the request has begun.
-        timeout = limits.request_timeout if self.buffer else limits.idle_timeout
-        with trio.move_on_after(timeout) as scope:
-            try:
-                head = self._parse_head(await self._read_head(scope))
-                self.method = head.request.method
-                if head.length == 0:
-                    return head
-                if head.expect_continue and not self.buffer:
-                    await self.stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                if head.length > 0:
-                    body = await self._read_exactly(head.length)
-                else:
-                    body = await self._read_chunked()
-                head.request = _with_body(head.request, body)
-                return head
-            except _PeerGone:
-                return None  # the peer left, between requests or mid-request: nobody to answer
-        # Idle, or a request trickling in too slowly (slowloris): close without a 408, so a
-        # slow peer gets nothing for its trouble.
-        assert scope.cancelled_caught
-        return None
-
-    async def _read_head(self, scope: trio.CancelScope) -> bytes:
-        """Read until the head is complete; consume it and its blank line, and return it."""
-        max_head = self.limits.max_head
-        searched = 0
-        while True:
-            # RFC 9112 2.2: ignore empty lines before a request line.
-            while self.buffer.startswith((b"\r\n", b"\n")):
-                del self.buffer[: 2 if self.buffer[0] == 13 else 1]
-                searched = 0
-            found = _HEAD_END.search(self.buffer, max(0, searched - 3))
-            if found is not None:
-                if found.start() > max_head:
-                    raise _too_large("request head", max_head)
-                head = bytes(self.buffer[: found.start()])
-                del self.buffer[: found.end()]
-                return head
-            if len(self.buffer) > max_head:
-                raise _too_large("request head", max_head)
-            searched = len(self.buffer)
-            started = bool(self.buffer)
-            await self._fill()
-            if not started:  # the first byte: from now on the request timeout runs
-                scope.deadline = trio.current_time() + self.limits.request_timeout
-
-    def _parse_head(self, raw: bytes) -> _Head:
-        """Parse a request head, without its blank line."""
-        lines = raw.split(b"\n")
-        request_line = lines[0].removesuffix(b"\r")
-        match = _REQUEST_LINE.fullmatch(request_line)
-        if match is None:
-            raise _bad_request("malformed HTTP request line")
-        method_raw, target_raw, version = match.groups()
-        self.method = method = method_raw.decode("ascii")
-        headers: list[tuple[str, str]] = []
-        for line in lines[1:]:
-            line = line.removesuffix(b"\r")  # noqa: PLW2901
-            field_match = _FIELD.fullmatch(line)
-            if field_match is None or _BAD_VALUE.search(field_match[2]):
-                if line[:1] in (b" ", b"\t"):
-                    raise _bad_request("malformed HTTP request: obsolete line folding")
-                raise _bad_request("malformed HTTP request: bad header line")
-            value = field_match[2].strip(b" \t")
-            headers.append((field_match[1].decode("ascii").lower(), value.decode("latin-1")))
-        return self._check_head(method, target_raw, version, tuple(headers))
-
-    def _check_head(
-        self, method: str, target_raw: bytes, version: bytes, headers: tuple[tuple[str, str], ...]
-    ) -> _Head:
-        """Reject what can be rejected before reading the body."""
-        limits = self.limits
-        hosts = lengths = 0
-        length = 0
-        chunked = close = expect_continue = False
-        for name, value in headers:
-            if name == "host":
-                hosts += 1
-            elif name == "content-length":
-                lengths += 1
-                if lengths > 1:
-                    raise _bad_request("malformed HTTP request: repeated Content-Length")
-                length = _content_length(value)
-            elif name == "transfer-encoding":
-                if chunked or value.strip().lower() != "chunked":
-                    raise _bad_request("malformed HTTP request: only chunked transfer is supported")
-                chunked = True
-            elif name == "connection":
-                close = close or "close" in (t.strip().lower() for t in value.split(","))
-            elif name == "expect" and value.lower() == "100-continue":
-                expect_continue = version == b"1.1"
-        if hosts > 1 or (version == b"1.1" and not hosts):
-            raise _bad_request("malformed HTTP request: HTTP/1.1 needs exactly one Host header")
-        if chunked and lengths:
-            raise _bad_request("malformed HTTP request: both Content-Length and Transfer-Encoding")
-        if length > limits.max_body:
-            raise _too_large("request body", limits.max_body)
-        path, query = _parse_target(target_raw)
-        if lengths or chunked:  # framing values as h11 gives them: "3, 3" is 3, "Chunked" chunked
-            headers = tuple(
-                (n, v.split(",")[0].strip() if n == "content-length" else "chunked")
-                if n in ("content-length", "transfer-encoding")
-                else (n, v)
-                for n, v in headers
-            )
-        request = Request(method, target_raw.decode("ascii"), path, query, headers)
-        return _Head(
-            request,
-            close=close or version == b"1.0",
-            length=-1 if chunked else length,
-            expect_continue=expect_continue,
-        )
-
-    async def _read_exactly(self, size: int) -> bytes:
-        while len(self.buffer) < size:
-            await self._fill()
-        body = bytes(self.buffer[:size])
-        del self.buffer[:size]
-        return body
-
-    async def _read_line(self) -> bytes:
-        """One CRLF- or LF-terminated line of a chunked body, without its end."""
-        searched = 0
-        while (end := self.buffer.find(b"\n", searched)) < 0:
-            if len(self.buffer) > _CHUNK_LINE_MAX:
-                raise _bad_request("malformed HTTP request: chunk line too long")
-            searched = len(self.buffer)
-            await self._fill()
-        if end > _CHUNK_LINE_MAX:
-            raise _bad_request("malformed HTTP request: chunk line too long")
-        line = bytes(self.buffer[:end]).removesuffix(b"\r")
-        del self.buffer[: end + 1]
-        return line
-
-    async def _read_chunked(self) -> bytes:
-        max_body = self.limits.max_body
+        started = bool(self.h11.trailing_data[0])
+        if started:
+            deadline = now + limits.request_timeout
+        else:
+            deadline = now + min(limits.idle_timeout, self.idle_left)
+        idle_since = now
+        self.method = ""
+        pending: Request | None = None
         body = bytearray()
         while True:
-            size_line = _CHUNK_SIZE.fullmatch(await self._read_line())
-            if size_line is None:
-                raise _bad_request("malformed HTTP request: bad chunk size")
-            size = int(size_line[1], 16)
-            if size == 0:
-                break
-            if len(body) + size > max_body:
-                raise _too_large("request body", max_body)
-            body += await self._read_exactly(size)
-            if await self._read_line():
-                raise _bad_request("malformed HTTP request: chunk data longer than its size")
-        trailers = 0
-        while await self._read_line():  # trailer fields: read and ignored
-            trailers += 1
-            if trailers > 100:
-                raise _bad_request("malformed HTTP request: too many trailer fields")
-        return bytes(body)
+            event = self._next_event()
+            if event is h11.NEED_DATA:
+                if pending is not None and self.h11.they_are_waiting_for_100_continue:
+                    await self._send(self.h11.send(_CONTINUE) or b"")
+                # A head is read at most `max_head` past what is buffered, so that h11 never
+                # parses (only to refuse) much more than a head's worth of header lines.
+                reading_head = self.h11.their_state is h11.IDLE
+                size = limits.max_head + 1 if reading_head else _RECEIVE_SIZE
+                data = None
+                with trio.move_on_at(deadline):
+                    data = await self.stream.receive_some(size)
+                if data is None:
+                    # Idle, or a request trickling in too slowly (slowloris): close
+                    # without a 408, so a slow peer gets nothing for its trouble.
+                    return None
+                if data and not started:
+                    started = True
+                    now = trio.current_time()
+                    self.idle_left -= now - idle_since
+                    deadline = now + limits.request_timeout
+                self.eof = not data
+                self.h11.receive_data(bytes(data))
+            elif isinstance(event, h11.Request):
+                self.method = event.method.decode("ascii")
+                pending = self._check_head(event)
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > limits.max_body:
+                    raise _too_large("request body", limits.max_body)
+            elif isinstance(event, h11.EndOfMessage) and pending is not None:
+                if len(event.headers) > limits.max_headers:
+                    raise _Reject(_too_many_fields("trailer", limits.max_headers))
+                return _with_body(pending, bytes(body))
+            else:  # ConnectionClosed: the peer left between requests
+                return None
+
+    def _next_event(self) -> type[h11.NEED_DATA | h11.PAUSED] | h11.Event:
+        try:
+            return self.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            if self.eof:
+                raise _PeerGone from exc
+            if exc.error_status_hint == 431:  # h11's "Receive buffer too long"
+                raise _too_large("request head", self.limits.max_head) from exc
+            raise _bad_request(f"malformed HTTP request: {exc}") from exc
+        except ValueError as exc:  # h11 before 0.16: int() of a 4,301-digit Content-Length
+            raise _bad_request("malformed HTTP request: bad Content-Length") from exc
+
+    def _check_head(self, event: h11.Request) -> Request:
+        """Reject what can be rejected before reading the body; the Request, body still empty."""
+        limits = self.limits
+        # h11's buffer limit only catches a head that arrives incomplete: measure a complete one.
+        raw = event.headers.raw_items()
+        size = len(event.method) + len(event.target) + 12
+        size += sum(len(name) + len(value) + 4 for name, value in raw)
+        if size > limits.max_head:
+            raise _too_large("request head", limits.max_head)
+        if len(raw) > limits.max_headers:
+            raise _Reject(_too_many_fields("header", limits.max_headers))
+        headers = tuple((n.decode("ascii"), v.decode("latin-1")) for n, v in event.headers)
+        for name, value in headers:
+            if name == "content-length" and (
+                len(value) > _MAX_LENGTH_DIGITS or int(value) > limits.max_body
+            ):
+                raise _too_large("request body", limits.max_body)
+        path, query = _parse_target(event.target)
+        return Request(self.method, event.target.decode("ascii"), path, query, headers)
 
     # ---- answering
 
-    async def respond(self, handler: Handler, head: _Head) -> bool:
+    async def respond(self, handler: Handler, request: Request) -> bool:
         """Run the handler and send its answer; whether the connection stays open."""
-        request = head.request
         try:
             response = await handler(request)
-            data = _serialize(response, request.method, close=head.close)
+            head = _response_head(response, close=False)
         except DropConnection:
             return False
         except Exception:
@@ -417,11 +330,25 @@ class _Connection:
             await self.send(_INTERNAL, request.method, close=True)
             await self.linger()
             return False
-        await self.stream.send_all(data)
-        return not head.close
+        await self._write(head, response, request.method)
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
     async def send(self, response: Response, method: str, *, close: bool) -> None:
-        await self.stream.send_all(_serialize(response, method, close=close))
+        await self._write(_response_head(response, close=close), response, method)
+
+    async def _write(self, head: h11.Response, response: Response, method: str) -> None:
+        data = self.h11.send(head) or b""
+        # h11 frames HEAD, 204 and 304 answers as bodiless and refuses body bytes for them.
+        if method != "HEAD" and response.status not in (204, 304):
+            data += self.h11.send(h11.Data(data=response.body)) or b""
+        data += self.h11.send(h11.EndOfMessage()) or b""
+        await self._send(data)
+
+    async def _send(self, data: bytes) -> None:
+        with trio.move_on_after(self.limits.send_timeout):
+            await self.stream.send_all(data)
+            return
+        raise _Stalled
 
     async def linger(self) -> None:
         with trio.move_on_after(_LINGER_SECONDS):
@@ -435,68 +362,57 @@ class _Connection:
                 drained += len(data)
 
 
-def _content_length(value: str) -> int:
-    """A Content-Length value (RFC 9110 8.6: a list of identical values is allowed)."""
-    lengths = {v.strip() for v in value.split(",")}
-    if len(lengths) != 1 or not (text := lengths.pop()).isdigit() or not text.isascii():
-        raise _bad_request("malformed HTTP request: bad Content-Length")
-    return int(text)
+class _PeerGone(Exception):
+    """The peer closed its side before a request was complete: nobody to answer."""
 
 
-_STATUS_LINES: dict[int, bytes] = {}
+_CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
 
 
-def _status_line(status: int) -> bytes:
-    line = _STATUS_LINES.get(status)
-    if line is None:
-        if not 100 <= status <= 999:
-            raise ValueError(f"handler answered the invalid status {status}")
-        try:
-            reason = HTTPStatus(status).phrase
-        except ValueError:
-            reason = ""  # an unregistered status: the reason phrase is optional
-        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {reason}\r\n".encode("ascii")
-    return line
+def _too_many_fields(what: str, limit: int) -> Response:
+    return Response.error(413, "too_large", f"request has more than {limit} {what} fields")
 
 
-def _serialize(response: Response, method: str, *, close: bool) -> bytes:
-    """The bytes of `response`; raises if the handler built an invalid one."""
+def _response_head(response: Response, *, close: bool) -> h11.Response:
+    """The h11 event for `response`; raises if the handler built an invalid one (h11 validates
+    the fields as it builds the event, before the connection's state is touched)."""
     if not isinstance(response, Response):
         raise TypeError(f"handler returned {type(response).__name__}, not Response")
-    status = response.status
-    head = [
-        _status_line(status).decode("ascii"),
-        f"Content-Type: {response.content_type}\r\n",
-        "Cache-Control: no-store\r\n",  # tokens must never sit in a cache
-        f"Server: {_SERVER}\r\n",
+    headers = [
+        ("Content-Type", response.content_type),
+        ("Cache-Control", "no-store"),  # tokens must never sit in a cache
+        ("Server", _SERVER),
     ]
-    if status not in (204, 304):
-        head.append(f"Content-Length: {len(response.body)}\r\n")
+    if response.status not in (204, 304):
+        headers.append(("Content-Length", str(len(response.body))))
     for name, value in response.headers:
         if name.lower() in _RESERVED_HEADERS:
             raise ValueError(f"handler set the reserved header {name}")
-        head.append(f"{name}: {value}\r\n")
+        headers.append((name, value))
     if close:
-        head.append("Connection: close\r\n")
-    head.append("\r\n")
-    data = "".join(head).encode("latin-1")
-    if response.headers or _BAD_VALUE.search(response.content_type.encode("latin-1")):
-        _check_fields(response)
-    # HEAD, 204 and 304 answers carry no body.
-    if method != "HEAD" and status not in (204, 304):
-        data += response.body
-    return data
+        headers.append(("Connection", "close"))
+    return h11.Response(
+        status_code=response.status, headers=headers, reason=_reason(response.status)
+    )
 
 
-def _check_fields(response: Response) -> None:
-    for name, value in (("Content-Type", response.content_type), *response.headers):
-        if not re.fullmatch(_TOKEN.decode(), name) or _BAD_VALUE.search(value.encode("latin-1")):
-            raise ValueError(f"handler set an invalid header {name!r}")
+_REASONS: dict[int, bytes] = {}
+
+
+def _reason(status: int) -> bytes:
+    reason = _REASONS.get(status)
+    if reason is None:
+        try:
+            reason = HTTPStatus(status).phrase.encode("ascii")
+        except ValueError:
+            reason = b""  # an unregistered status: the reason phrase is optional
+        _REASONS[status] = reason
+    return reason
 
 
 def _parse_target(raw: bytes) -> tuple[str, Mapping[str, str]]:
     """Percent-decoded path and query of an origin-form target; raises _Reject(400)."""
-    target = raw.decode("ascii")  # the request-line pattern admits visible ASCII only
+    target = raw.decode("ascii")  # h11 admits visible ASCII only (RFC 9112 3.2)
     if not target.startswith("/"):
         raise _bad_request("request target must be a path starting with /")
     if "%" in target and _BAD_PERCENT.search(target):
