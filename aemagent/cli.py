@@ -260,7 +260,8 @@ def cmd_add(args: argparse.Namespace) -> int:
             "--save records a FILE's path; for stdin, write a `command` profile in the config file",
             EXIT_USAGE,
         )
-    credential = read_credential(args.file)
+    notes: list[str] = []
+    credential = read_credential(args.file, notes)
     body: dict[str, Any] = {"credential": credential}
     if args.name:
         body["name"] = args.name
@@ -270,7 +271,12 @@ def cmd_add(args: argparse.Namespace) -> int:
         body["default"] = True
     if args.lifetime is not None:
         body["lifetime"] = args.lifetime
-    profile = call(args, "POST", "/v1/profiles", body)
+    try:
+        profile = call(args, "POST", "/v1/profiles", body)
+    except CLIError as exc:
+        if exc.code != EXIT_USAGE:
+            raise
+        raise CLIError(f"cannot add {_what_was_read(args.file)}: {exc}", exc.code) from None
     name = profile["name"]
     what = f"{profile['kind']} credential, client id {profile.get('client_id')}"
     try:
@@ -285,6 +291,8 @@ def cmd_add(args: argparse.Namespace) -> int:
             f"added profile {name} ({what}), but it has no token: {exc}", exc.code
         ) from None
     print(f"added profile {name} ({what}); token valid for {human_duration(token['expires_in'])}")
+    for note in notes:  # only now: on failure, stderr has one line, the error
+        print(f"aemagent: {note}", file=sys.stderr)
     if args.save:
         save_to_config(args, name)
     return EXIT_OK
@@ -328,8 +336,17 @@ def save_to_config(args: argparse.Namespace, name: str) -> None:
     print(f"saved profile {name} in {path} (the file's path, not its content)")
 
 
-def read_credential(source: str) -> Any:
-    """The credential from a file or stdin: a JSON object, or a bare string (a token)."""
+def _what_was_read(source: str) -> str:
+    if source != "-":
+        return source
+    return "the pasted credential" if sys.stdin.isatty() else "the credential on standard input"
+
+
+def read_credential(source: str, notes: list[str] | None = None) -> Any:
+    """The credential from a file or stdin: a JSON object, or a bare string (a token).
+
+    A warning about the file (readable by others) goes to `notes` if given, else to stderr.
+    """
     if source == "-":
         if sys.stdin.isatty():
             data = read_from_terminal(sys.stdin.fileno())
@@ -345,11 +362,14 @@ def read_credential(source: str) -> Any:
         except OSError as exc:
             raise CLIError(f"cannot read {source}: {exc.strerror}", EXIT_USAGE) from None
         if mode & 0o077:
-            print(
-                f"aemagent: warning: {source} is readable by other users (mode {mode & 0o777:o});"
-                " once added, consider deleting it or `chmod 600` it",
-                file=sys.stderr,
+            note = (
+                f"warning: {source} is readable by other users (mode {mode & 0o777:o});"
+                " once added, consider deleting it or `chmod 600` it"
             )
+            if notes is None:
+                print(f"aemagent: {note}", file=sys.stderr)
+            else:
+                notes.append(note)
         label = source
     if len(data) > _MAX_CREDENTIAL_BYTES:
         raise CLIError(
@@ -367,7 +387,8 @@ def read_credential(source: str) -> Any:
             return json.loads(stripped)
         except json.JSONDecodeError as exc:
             raise CLIError(
-                f"{label} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+                f"{label} is not valid JSON: {exc.msg.removesuffix(' at')} at line"
+                f" {exc.lineno} column {exc.colno}",
                 EXIT_USAGE,
             ) from None
     return stripped
@@ -733,6 +754,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:  # a new user's first try: the help, as `aemagent --help` gives it
+        build_parser().print_help()
+        return EXIT_OK
     if argv[:1] == ["emulator"]:
         return run_emulator(argv[1:])
     args = build_parser().parse_args(argv)

@@ -216,7 +216,8 @@ def _load_json(text: str) -> Any:
                 "(three base64url parts separated by dots)"
             ) from None
         raise CredentialError(
-            f"credential is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            f"credential is not valid JSON: {exc.msg.removesuffix(' at')} at line {exc.lineno}"
+            f" column {exc.colno}"
         ) from None
     except RecursionError:
         raise CredentialError("credential is not valid JSON: nested too deeply") from None

@@ -56,7 +56,8 @@ options:
                        header    Authorization: Bearer <token>
                        headers   every header the profile's APIs need, one per line
                        json      {"access_token","token_type","expires_at","expires_in",
-                                  "profile","client_id"?,"org_id"?} on one line
+                                  "profile","client_id"?,"org_id"?,"account"?}
+                                 on one line
                        env       export AEM_ACCESS_TOKEN='<token>'
   --min-valid SECONDS  the token served stays valid at least this long (default 60,
                        at most a quarter of the token's lifetime)
@@ -179,7 +180,8 @@ def _run(argv: list[str]) -> int:
     except wire.WireError as exc:
         return _fail(EXIT_UNEXPECTED, str(exc))
     if reply.status != 200:
-        return _error_answer(reply)
+        chosen = opts.keys() & {"profile", "url"}
+        return _error_answer(reply, env_profile=None if chosen else _env_profile())
     try:
         if plain:
             token = _plain_token(reply)
@@ -236,12 +238,16 @@ def _target(opts: dict[str, str]) -> str:
         params.append(("profile", opts["profile"]))
     elif "url" in opts:
         params.append(("url", opts["url"]))
-    elif profile := os.environ.get("AEMAGENT_PROFILE"):
+    elif profile := _env_profile():
         params.append(("profile", profile))
     if "min_valid" in opts:
         params.append(("min_valid", opts["min_valid"]))
     query = "&".join(f"{name}={wire.quote(value)}" for name, value in params)
     return f"/v1/token?{query}" if query else "/v1/token"
+
+
+def _env_profile() -> str | None:
+    return os.environ.get("AEMAGENT_PROFILE") or None
 
 
 # --- git mode ----------------------------------------------------------------------------------
@@ -536,8 +542,13 @@ def _sh_quote(s: str) -> str:
     return "'" + s.replace("'", "'\\''") + "'"
 
 
-def _error_answer(reply: wire.Reply, prog: str = "aem-token") -> int:
-    """A non-200 answer: the agent's one-line message, with CONTRACT.md's exit code."""
+def _error_answer(
+    reply: wire.Reply, prog: str = "aem-token", env_profile: str | None = None
+) -> int:
+    """A non-200 answer: the agent's one-line message, with CONTRACT.md's exit code.
+
+    `env_profile`: the profile name we sent came from $AEMAGENT_PROFILE, so a 404 says so.
+    """
     try:
         info = reply.json()
     except wire.WireError:
@@ -551,7 +562,29 @@ def _error_answer(reply: wire.Reply, prog: str = "aem-token") -> int:
             prog,
         )
     code = {400: EXIT_USAGE, 404: EXIT_NO_PROFILE, 409: EXIT_NO_PROFILE, 503: EXIT_NO_TOKEN}
+    if env_profile is not None and reply.status == 404:
+        message = _from_env(message, env_profile)
     return _fail(code.get(reply.status, EXIT_UNEXPECTED), _one_line(message), prog)
+
+
+def _from_env(message: str, name: str) -> str:
+    """Say the name came from $AEMAGENT_PROFILE, and suggest a close one the agent listed.
+
+    Only on this error path: difflib is not imported by a successful `aem-token`.
+    """
+    said = f"no profile named {name}"
+    if message.startswith(said):
+        message = f"{said} (from $AEMAGENT_PROFILE){message[len(said) :]}"
+    else:
+        message += " (the name came from $AEMAGENT_PROFILE)"
+    _, listed, names = message.rpartition("; profiles: ")
+    if listed and "did you mean" not in message:
+        import difflib
+
+        close = difflib.get_close_matches(name, [n.strip() for n in names.split(",")], n=1)
+        if close:
+            message += f"; did you mean {close[0]}?"
+    return message
 
 
 def _one_line(text: str, limit: int = 1000) -> str:

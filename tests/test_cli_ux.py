@@ -343,3 +343,85 @@ def test_start_with_options_warns_that_a_running_agent_keeps_its_settings(base):
         assert (plain.stdout, plain.stderr) == (first.stdout, "")
     finally:
         _stop(sock, env)
+
+
+# ---- 7. messages
+
+
+def test_a_profile_name_from_the_environment_says_so_and_suggests(agent, ims):
+    done = agent.cli("add", ims.credentials["oauth"], "--name", "stage")
+    assert done.returncode == 0, done.stderr
+    env = {**agent.env, "AEMAGENT_PROFILE": "stag"}
+    done = procs.run(procs.aem_token(), env)
+    assert (done.returncode, done.stdout) == (cli.EXIT_NO_PROFILE, "")
+    assert done.stderr == (
+        "aem-token: no profile named stag (from $AEMAGENT_PROFILE); profiles: stage;"
+        " did you mean stage?\n"
+    )
+    # Named on the command line: no word about the environment.
+    done = procs.run(procs.aem_token("--profile", "stag"), env)
+    assert done.returncode == cli.EXIT_NO_PROFILE
+    assert "AEMAGENT_PROFILE" not in done.stderr
+    assert done.stderr.startswith("aem-token: no profile named stag; profiles: stage")
+    # Far from every name: no suggestion.
+    done = procs.run(procs.aem_token(), {**agent.env, "AEMAGENT_PROFILE": "zzzzzz"})
+    assert "did you mean" not in done.stderr
+    assert "(from $AEMAGENT_PROFILE)" in done.stderr
+
+
+def test_a_truncated_json_credential_is_one_clear_line(agent, tmp_path):
+    from aemagent.credentials import CredentialError, _load_json
+
+    truncated = tmp_path / "cut.json"
+    truncated.write_text('{\n  "client_id": "x",\n  "client_secret": "unterminated\n')
+    truncated.chmod(0o644)  # readable by others too: still one line
+    done = agent.cli("add", str(truncated))
+    assert (done.returncode, done.stdout) == (cli.EXIT_USAGE, ""), done.stderr
+    assert done.stderr == (
+        f"aemagent: {truncated} is not valid JSON: Unterminated string starting at line 3"
+        " column 20\n"
+    )
+    with pytest.raises(CredentialError) as caught:  # the daemon's reader, for config files
+        _load_json('{"a": "b')
+    assert str(caught.value) == (
+        "credential is not valid JSON: Unterminated string starting at line 1 column 7"
+    )
+
+
+def test_a_file_that_is_not_a_credential_is_named(agent, tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    passwd.chmod(0o644)
+    done = agent.cli("add", str(passwd))
+    assert (done.returncode, done.stdout) == (cli.EXIT_USAGE, "")
+    assert done.stderr.startswith(f"aemagent: cannot add {passwd}: credential is neither JSON")
+    assert done.stderr.count("\n") == 1  # the readable-by-others warning is not a second line
+
+
+def test_a_readable_credential_is_warned_about_after_it_is_added(agent, ims, tmp_path):
+    readable = tmp_path / "service.json"
+    readable.write_bytes(Path(ims.credentials["service"]).read_bytes())
+    readable.chmod(0o644)
+    done = agent.cli("add", str(readable))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("added profile ")
+    assert done.stderr == (
+        f"aemagent: warning: {readable} is readable by other users (mode 644); once added,"
+        " consider deleting it or `chmod 600` it\n"
+    )
+
+
+def test_bare_aemagent_prints_the_help():
+    done = procs.run(procs.aemagent(), procs.base_env())
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.startswith("usage: aemagent ")
+    assert done.stdout == procs.run(procs.aemagent("--help"), procs.base_env()).stdout
+
+
+def test_status_with_no_profiles_exits_0(agent):
+    """Decided: status reports what the agent holds, and holding nothing is an answer
+    (ssh-add -l exits 1 there; `aem-token` is the check that exits 3)."""
+    done = agent.cli("status")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == "no profiles loaded; add one with `aemagent add FILE`\n"
+    assert agent.token().returncode == cli.EXIT_NO_PROFILE
