@@ -21,8 +21,8 @@ sleeps, reads a clock or touches the network, so every rule below is tested with
 * `min_valid` is a hard condition on the token served. Without one, the default is 60 s capped at
   a quarter of the lifetime, so short-lived test tokens still serve. One a fresh token cannot
   meet is a usage error, known before any IMS request once the lifetime is known: a token
-  is served some time after IMS made it, so the most it can promise is the lifetime less
-  `fetch_margin` (a minute, at most a tenth of the lifetime).
+  is served some time after IMS made it, so it always has less than the lifetime less
+  `fetch_margin` (a second, at most a tenth of the lifetime) left.
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ class PolicySettings:
     forced_refresh_interval: float = 60.0
     # The timer's refreshes at most this often (capped at half the lifetime), whatever the margin.
     min_refresh_interval: float = 30.0
-    # What a fresh token may have lost before it is served (capped at a tenth of the lifetime):
-    # a min_valid above the lifetime less this is refused.
-    fetch_margin: float = 60.0
+    # What a fresh token has lost, at least, by the time it is served (the round trip to IMS;
+    # capped at a tenth of the lifetime): a min_valid of the lifetime less this or more is
+    # refused. Small on purpose: asking for "nearly the whole lifetime" to force a fetch works.
+    fetch_margin: float = 1.0
 
 
 @dataclass(frozen=True)
