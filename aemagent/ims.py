@@ -6,9 +6,14 @@ secret and scopes to /ims/token/v3 (`expires_in` in s); either way the token's o
 (ms) wins when it has one. A development token cannot be fetched again. Errors come out of the tree
 in errors.py: transient ones (5xx, 429, timeouts, unreachable IMS, an unusable 200) are for the
 caller to retry with backoff; permanent ones (4xx) mean the credential is wrong. The one retry made
-here is the clock-skew retry of the JWT exchange: IMS says the JWT expired, so its `exp` is
-computed again from IMS's `Date` header. Every attempt builds its body afresh. No message, log
-line or exception text ever carries the client secret, the JWT or the token.
+here is the clock-skew retry of the JWT exchange: IMS says the JWT expired (or that its `exp` is
+more than a day ahead), so its `exp` is computed again from IMS's `Date` header. Every attempt
+builds its body afresh. No message, log line or exception text ever carries the client secret,
+the JWT or the token, in any percent-encoding.
+
+IMS is not trusted further than it must be: answers are asked for uncompressed and refused
+compressed (never inflated), capped at 256 KiB as they arrive; a lifetime is believed up to
+25 h, never beyond what the token's own `created_at` leaves, and one under a minute is an error.
 
 `revoke` asks IMS to invalidate an access token (IMS.md 6). Whether production IMS honours that
 for server-to-server tokens is not documented, so its answer is reported, not interpreted.
