@@ -19,7 +19,7 @@ from aemagent.agent import Agent
 from aemagent.credentials import parse_credential
 from aemagent.errors import AemAgentError, UsageError
 from aemagent.httpserver import Request, Response
-from aemagent.profile import Served
+from aemagent.profile import Profile, Served, Unloaded
 
 if TYPE_CHECKING:
     from aemagent.sources import ConfigProfiles
@@ -40,7 +40,7 @@ def route(method: str, path: str) -> Route | Response:
         return _not_found(path)
     rest = parts[2:]
     name: str | None = None
-    if rest in (["health"], ["token"], ["shutdown"], ["profiles"]):
+    if rest in (["health"], ["token"], ["shutdown"], ["profiles"], ["reload"]):
         endpoint = rest[0]
     elif len(rest) == 2 and rest[0] == "profiles" and rest[1]:
         endpoint, name = "profile", rest[1]
@@ -62,6 +62,7 @@ _METHODS: dict[str, tuple[str, ...]] = {
     "profiles": ("GET", "POST", "DELETE"),
     "profile": ("GET", "DELETE"),
     "refresh": ("POST",),
+    "reload": ("POST",),
 }
 
 
@@ -165,7 +166,12 @@ class AgentAPI:
     async def _refresh(self, request: Request, name: str | None) -> Response:
         assert name is not None
         if not request.body.strip():
+            before = self._agent.resolve(name)
             await self._reread_source(name)
+            after = self._agent.resolve(name)
+            if after is not before and _loaded_dev_token(after):
+                # A development token read anew from its source: loaded, nothing to fetch.
+                return Response.json(200, {**self._agent.describe(after), "refreshed": True})
             profile = await self._agent.refresh(name)
             return Response.json(200, {**self._agent.describe(profile), "refreshed": True})
         body = _json_body(request)
@@ -181,7 +187,15 @@ class AgentAPI:
         profile = self._agent.resolve(name)
         source = self._config_profiles.source(name) if self._config_profiles else None
         if self._config_profiles is not None and source is not None and profile.source == "config":
-            await self._config_profiles.load_one(source)
+            await self._config_profiles.reread(source)
+
+    async def _reload(self, request: Request, name: str | None) -> Response:
+        """Read the config file again and load its profiles; a bad file keeps them (400)."""
+        del request, name
+        if self._config_profiles is None:
+            raise UsageError("this agent has no config file to reload")
+        outcome = await self._config_profiles.reload()
+        return Response.json(200, outcome.to_json())
 
     async def _shutdown_now(self, request: Request, name: str | None) -> Response:
         del request, name
@@ -200,6 +214,7 @@ class AgentAPI:
         ("profile", "GET"): _show,
         ("profile", "DELETE"): _forget,
         ("refresh", "POST"): _refresh,
+        ("reload", "POST"): _reload,
         ("shutdown", "POST"): _shutdown_now,
     }
 
@@ -226,11 +241,17 @@ def _token_json(served: Served) -> dict[str, Any]:
     }
 
 
+def _loaded_dev_token(profile: Profile) -> bool:
+    return not profile.schedule.refreshable and not isinstance(profile.credential, Unloaded)
+
+
 def _json_body(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(request.body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UsageError(f"request body is not valid JSON ({exc.__class__.__name__})") from None
+    except RecursionError:
+        raise UsageError("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise UsageError("request body must be a JSON object")
     return body

@@ -387,6 +387,8 @@ def _json_body(request: Request) -> object:
         return json.loads(request.body)
     except ValueError:
         raise Refusal(400, "bad_request", "the body must be JSON") from None
+    except RecursionError:
+        raise Refusal(400, "bad_request", "the body is nested too deeply") from None
 
 
 def _offset(obj: object) -> float:

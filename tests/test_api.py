@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import pytest
 import trio
@@ -19,6 +20,7 @@ from keys import CLIENT_SECRET, key_pair, service_json
 
 from aemagent.agent import Agent
 from aemagent.api import AgentAPI, route
+from aemagent.credentials import parse_credential
 from aemagent.httpserver import Request, Response, serve_http
 
 
@@ -48,6 +50,13 @@ def test_route_wrong_method_is_405_with_allow():
     assert ("Allow", "GET") in answer.headers
 
 
+@dataclass(frozen=True)
+class RawBody:
+    """A request body sent as these bytes, not as JSON made of a Python value."""
+
+    data: bytes
+
+
 class Harness:
     def __init__(self, agent: Agent, api: AgentAPI) -> None:
         self.agent = agent
@@ -65,7 +74,10 @@ class Harness:
         return b"".join(chunks)
 
     async def call(self, method: str, target: str, body=None, headers=()) -> tuple[int, object]:
-        payload = b"" if body is None else json.dumps(body).encode()
+        if isinstance(body, RawBody):
+            payload = body.data
+        else:
+            payload = b"" if body is None else json.dumps(body).encode()
         head = f"{method} {target} HTTP/1.1\r\nHost: aemagent\r\nConnection: close\r\n"
         for name, value in headers:
             head += f"{name}: {value}\r\n"
@@ -270,3 +282,32 @@ async def test_request_object_direct():
     async with harness() as h:
         response = await h.api(Request("GET", "/v1/health", "/v1/health"))
         assert response.status == 200
+
+
+@pytest.mark.parametrize("depth", [1000, 100_000])
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/profiles"), ("POST", "/v1/profiles/x/refresh"), ("POST", "/v1/reload")],
+)
+async def test_deeply_nested_json_is_a_400_not_a_crash(autojump_clock, method, path, depth):
+    """Broken: json.loads raised RecursionError, answered 500 with a traceback in the log."""
+    async with harness() as h:
+        await h.agent.add(parse_credential(service_json()), name="x")
+        for nested in ("[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth):
+            status, body = await h.call(method, path, RawBody(nested.encode()))
+            if path == "/v1/reload":  # no body read: this harness has no config file
+                assert status == 400
+                continue
+            assert status == 400, body
+            assert body == {"error": "bad_request", "message": "request body is nested too deeply"}
+
+
+async def test_the_emulator_answers_deeply_nested_json_with_a_400():
+    from aemagent.emulator_ims import Emulator
+
+    emulator = Emulator("http://127.0.0.1:4502")
+    for path in ("/_emulator/faults", "/_emulator/clock"):
+        nested = b"[" * 100_000 + b"]" * 100_000
+        response = await emulator.handle(Request("POST", path, path, body=nested))
+        assert response.status == 400
+        assert json.loads(response.body)["error_description"] == "the body is nested too deeply"
