@@ -207,17 +207,27 @@ class _Server:
             self._status_due.set()  # cheap: the reporter sends only what changed
 
     async def watch_signals(self, signals: AsyncIterator[int], nursery: trio.Nursery) -> None:
+        # SIGHUPs go to one reloader task through a buffer of one: a reload runs, at most one
+        # waits, and SIGHUPs meanwhile are that one (it reads the config file when it starts).
+        wanted, reloads = trio.open_memory_channel[None](1)
+        nursery.start_soon(self._reload, reloads)
         async for signum in signals:
             if signum == signal.SIGHUP:
-                log.info("SIGHUP: reloading %s", self.profiles.config.path)
-                nursery.start_soon(self._reload)
+                try:
+                    wanted.send_nowait(None)
+                except trio.WouldBlock:
+                    log.info("SIGHUP: a reload of %s is already due", self.profiles.config.path)
+                else:
+                    log.info("SIGHUP: reloading %s", self.profiles.config.path)
                 continue
             log.info("%s: stopping", signal.Signals(signum).name)
             self.request_stop()
 
-    async def _reload(self) -> None:
-        await self.profiles.reload()
-        self._status_due.set()
+    async def _reload(self, reloads: trio.MemoryReceiveChannel[None]) -> None:
+        async for _ in reloads:
+            with contextlib.suppress(AemAgentError):  # a bad config file: logged, nothing changed
+                await self.profiles.reload()
+            self._status_due.set()
 
     async def load_profiles(self) -> None:
         await self.profiles.load()

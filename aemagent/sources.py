@@ -8,6 +8,13 @@ login a password manager may still be locked: the profile then shows that error,
 
 A reload touches only config-file profiles, never ones added with `aemagent add`, and a profile
 whose credential did not change keeps its token (`Agent.add` sees the same digest).
+
+Loads and reloads run one at a time, each reading the config file afresh once it runs: an older
+reload still waiting for a slow `command` can never re-add a profile a newer config removed.
+Reloads asked for while one runs are coalesced: they all wait for the one next reload, which
+starts after the last of them asked, and share its outcome (`ReloadOutcome`, or the
+`ConfigError` of a config file that cannot be read, parsed or trusted, which keeps the profiles
+as they are). A manual refresh that reads a profile's source again waits its turn too.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import subprocess
+from dataclasses import dataclass, field
 
 import trio
 
@@ -66,6 +74,24 @@ async def _run(command: str, limit: float) -> bytes:
     return bytes(done.stdout)
 
 
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What a load of the config file's profiles left loaded, for `POST /v1/reload`."""
+
+    profiles: tuple[str, ...] = ()  # config profiles with a credential loaded
+    unloaded: dict[str, str] = field(default_factory=dict)  # name: why it has no credential
+    # Profiles still serving the credential they had, because their source failed this time.
+    kept: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "reloaded": True,
+            "profiles": list(self.profiles),
+            "unloaded": dict(self.unloaded),
+            "kept": dict(self.kept),
+        }
+
+
 class ConfigProfiles:
     """Loads the config file's profiles into the agent, at start and on every SIGHUP."""
 
@@ -73,6 +99,15 @@ class ConfigProfiles:
         self._agent = agent
         self.config = config
         self._parsing = trio.Lock()
+        # One load or reload at a time (FIFO). Reloads are numbered as they are asked for;
+        # `_settled` is the number of the last one covered by a finished reload, whose outcome
+        # (or config error) is `_settled_as`.
+        self._loading = trio.Lock()
+        self._asked = 0
+        self._settled = 0
+        self._settled_as: ReloadOutcome | str = ReloadOutcome()  # or the config error's text
+        # Why each source failed during the current load (names of profiles it kept serving).
+        self._failed: dict[str, str] = {}
         # Which bytes each config profile's credential was parsed from (sha256), and that
         # credential's digest: a reload whose bytes did not change reuses the live profile's
         # credential instead of parsing (checking) its RSA key again. Hashes only: a forgotten
@@ -82,14 +117,31 @@ class ConfigProfiles:
         # profiles reading the same file parse it once. Emptied when the load ends.
         self._this_load: dict[str, Credential] = {}
 
-    async def reload(self) -> None:
-        """Read the config file again, then load every profile in it."""
+    async def reload(self) -> ReloadOutcome:
+        """Read the config file again, then load every profile in it; what is loaded now.
+
+        Raises `ConfigError` (the profiles stay as they are) if the file cannot be read, parsed
+        or trusted. Called while a reload runs, waits for it and then for the one next reload,
+        shared by every caller that asked meanwhile."""
+        self._asked += 1
+        ticket = self._asked
+        async with self._loading:
+            if self._settled < ticket:
+                covers = self._asked  # everyone who asked so far sees the config as it is now
+                self._settled_as = await self._reload()
+                self._settled = covers
+            settled = self._settled_as
+        if isinstance(settled, str):
+            raise ConfigError(settled)
+        return settled
+
+    async def _reload(self) -> ReloadOutcome | str:
         try:
             self.config = load_config(self.config.path)
         except ConfigError as exc:
             log.error("reload: %s; keeping the profiles as they are", exc)
-            return
-        await self.load()
+            return str(exc)
+        return await self._load()
 
     def reserve(self) -> None:
         """Register every config profile as 'loading' before the socket serves (no 404 race)."""
@@ -99,19 +151,52 @@ class ConfigProfiles:
                     source.name, "its credential is still being read", source.hosts, source.default
                 )
 
-    async def load(self) -> None:
+    async def load(self) -> ReloadOutcome:
+        """Load every profile of the config as it was read (at start: no file read again)."""
+        async with self._loading:
+            return await self._load()
+
+    async def _load(self) -> ReloadOutcome:
         wanted = {source.name: source for source in self.config.profiles}
         self._parsed_from = {n: v for n, v in self._parsed_from.items() if n in wanted}
         for profile in self._agent.profiles():
             if profile.source == "config" and profile.name not in wanted:
                 self._agent.forget(profile.name)
+        self._failed = {}
         try:
             async with trio.open_nursery() as nursery:
                 for source in wanted.values():
                     nursery.start_soon(self.load_one, source)
+            log.info("config %s: %d profile(s)", self.config.path, len(wanted))
+            return self._outcome(wanted)
         finally:
             self._this_load.clear()
-        log.info("config %s: %d profile(s)", self.config.path, len(wanted))
+            self._failed = {}
+
+    def _outcome(self, wanted: dict[str, ProfileSource]) -> ReloadOutcome:
+        loaded: list[str] = []
+        unloaded: dict[str, str] = {}
+        kept: dict[str, str] = {}
+        for name in sorted(wanted):
+            profile = self._agent.find(name)
+            if profile is None:
+                unloaded[name] = "not loaded (forgotten while the config was being loaded)"
+            elif profile.source != "config":
+                unloaded[name] = "a profile of that name was added by hand; it is left as it is"
+            elif isinstance(profile.credential, Unloaded):
+                unloaded[name] = profile.credential.error
+            else:
+                loaded.append(name)
+                if name in self._failed:
+                    kept[name] = f"{self._failed[name]}; still serving the credential it had"
+        return ReloadOutcome(tuple(loaded), unloaded, kept)
+
+    async def reread(self, source: ProfileSource) -> None:
+        """Read one profile's source again (`aemagent refresh NAME`), between two reloads, and
+        only if the config still has it."""
+        async with self._loading:
+            if source.name in {s.name for s in self.config.profiles}:
+                await self.load_one(source)
 
     async def load_one(self, source: ProfileSource) -> None:
         existing = self._agent.find(source.name)
@@ -142,6 +227,14 @@ class ConfigProfiles:
                 self._agent.add_unloaded(source.name, str(exc), source.hosts, source.default)
             else:  # keep serving the credential we have; show why the new one did not load
                 existing.last_error = exc
+                self._failed[source.name] = str(exc)
+            return
+        current = self._agent.find(source.name)
+        if current is not None and current.source != "config":
+            log.warning(
+                "config profile %s: a profile of that name was added by hand meanwhile; leaving it",
+                source.name,
+            )
             return
         await self._agent.add(
             credential,
