@@ -425,3 +425,15 @@ def test_status_with_no_profiles_exits_0(agent):
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout == "no profiles loaded; add one with `aemagent add FILE`\n"
     assert agent.token().returncode == cli.EXIT_NO_PROFILE
+
+
+# ---- 8. aem-token's help names every JSON field it prints
+
+
+def test_aem_token_help_lists_every_json_field():
+    from aemagent import helper
+
+    done = procs.run(procs.aem_token("--help"), procs.base_env())
+    assert done.returncode == 0
+    for field in (*helper._JSON_FIELDS, *helper._JSON_OPTIONAL):
+        assert f'"{field}"' in done.stdout, field
