@@ -187,7 +187,7 @@ class AgentAPI:
         profile = self._agent.resolve(name)
         source = self._config_profiles.source(name) if self._config_profiles else None
         if self._config_profiles is not None and source is not None and profile.source == "config":
-            await self._config_profiles.reread(source)
+            await self._config_profiles.reread(name)
 
     async def _reload(self, request: Request, name: str | None) -> Response:
         """Read the config file again and load its profiles; a bad file keeps them (400)."""

@@ -191,11 +191,12 @@ class ConfigProfiles:
                     kept[name] = f"{self._failed[name]}; still serving the credential it had"
         return ReloadOutcome(tuple(loaded), unloaded, kept)
 
-    async def reread(self, source: ProfileSource) -> None:
-        """Read one profile's source again (`aemagent refresh NAME`), between two reloads, and
-        only if the config still has it."""
+    async def reread(self, name: str) -> None:
+        """Read one profile's source again (`aemagent refresh NAME`), between two reloads, as
+        the config says now, and only if it still has that profile."""
         async with self._loading:
-            if source.name in {s.name for s in self.config.profiles}:
+            source = self.source(name)
+            if source is not None:
                 await self.load_one(source)
 
     async def load_one(self, source: ProfileSource) -> None:

@@ -31,6 +31,7 @@ def test_route_table():
     assert route("DELETE", "/v1/profiles/p1-e2") == ("profile", "p1-e2")
     assert route("POST", "/v1/profiles/p1-e2/refresh") == ("refresh", "p1-e2")
     assert route("POST", "/v1/shutdown") == ("shutdown", None)
+    assert route("POST", "/v1/reload") == ("reload", None)
 
 
 @pytest.mark.parametrize(

@@ -98,15 +98,13 @@ async def test_a_manual_refresh_reading_a_source_waits_for_a_running_reload(tmp_
     config = tmp_path / "config.toml"
     config.write_text(slow_profile("slow", credential, starts))
     async with config_profiles(config) as (agent, profiles):
-        source = profiles.source("slow")
-        assert source is not None
         config.write_text("")
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(profiles.reread, source)
+            nursery.start_soon(profiles.reread, "slow")
             await wait_until(lambda: lines(starts) == 2)
             nursery.start_soon(profiles.reload)
         assert agent.profiles() == []
-        await profiles.reread(source)  # no longer in the config: nothing read, nothing added
+        await profiles.reread("slow")  # no longer in the config: nothing read, nothing added
         assert agent.profiles() == []
         assert lines(starts) == 2
 
