@@ -412,7 +412,7 @@ def read_from_terminal(fd: int) -> bytes:
     try:
         termios.tcsetattr(fd, termios.TCSANOW, quiet)
         print(
-            "aemagent: paste the credential (it is not shown), then press Ctrl-D",
+            "aemagent: paste the credential (not shown); it is read once complete, or at Ctrl-D",
             file=sys.stderr,
             flush=True,
         )
@@ -431,6 +431,8 @@ def read_from_terminal(fd: int) -> bytes:
     finally:
         # TCSAFLUSH: the rest of a paste (a trailing newline) must not reach the shell's prompt.
         termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+    if data.strip():  # said at once, so that nobody presses Ctrl-D for the shell to read
+        print(f"aemagent: read {len(data)} bytes", file=sys.stderr, flush=True)
     return bytes(data)
 
 
