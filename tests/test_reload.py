@@ -109,6 +109,30 @@ async def test_a_manual_refresh_reading_a_source_waits_for_a_running_reload(tmp_
         assert lines(starts) == 2
 
 
+async def test_two_quick_reloads_after_a_credential_changed_leave_one_live_profile(tmp_path):
+    """The file of a config profile holds a new credential; two reloads at once. Broken: both
+    added the new credential, one profile was overwritten without being dropped, and it called
+    IMS nonstop."""
+    source = tmp_path / "c.json"
+    write_json(source, service_json(key_pair(0)))
+    config = tmp_path / "config.toml"
+    config.write_text(f'[profiles.one]\nfile = "{source}"\n')
+    async with config_profiles(config) as (agent, profiles):
+        await agent.token(name="one")
+        write_json(source, service_json(key_pair(1)))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(profiles.reload)
+            nursery.start_soon(profiles.reload)
+        await agent.token(name="one")
+        ims = agent._ims
+        assert isinstance(ims, FakeIMS)
+        calls = len(ims.calls)
+        await trio.sleep(1)  # a storm would be ten calls a second (the fake IMS takes 0.1 s)
+        assert len(ims.calls) == calls == 2
+        assert agent._nursery is not None
+        assert len(agent._nursery.child_tasks) == 1
+
+
 async def test_a_bad_config_raises_keeps_profiles_and_the_next_good_one_loads(tmp_path):
     credential = write_json(tmp_path / "c.json", service_json(key_pair(0)))
     config = tmp_path / "config.toml"
