@@ -213,6 +213,7 @@ class _Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
         self.eof = False
         self.method = ""  # of the request being read, once its head is parsed
+        self.close = False  # whether the request being read asks to close after its answer
         self.idle_left = limits.idle_total
 
     async def serve(self, handler: Handler) -> None:
@@ -229,7 +230,19 @@ class _Connection:
                 return
             if not await self.respond(handler, request):
                 return
-            self.h11.start_next_cycle()
+            self._next_cycle()
+
+    def _next_cycle(self) -> None:
+        """A fresh h11 parser for the next request, given what the peer has already sent.
+
+        h11 only reads: our answers are written by `_serialize`, so h11 never learns of them and
+        cannot cycle itself (`start_next_cycle` wants both sides done)."""
+        data, closed = self.h11.trailing_data
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
+        if data:
+            self.h11.receive_data(data)
+        if closed:
+            self.h11.receive_data(b"")
 
     # ---- reading
 
@@ -246,12 +259,15 @@ class _Connection:
         idle_since = now
         self.method = ""
         pending: Request | None = None
+        continued = False
         body = bytearray()
         while True:
             event = self._next_event()
             if event is h11.NEED_DATA:
-                if pending is not None and self.h11.they_are_waiting_for_100_continue:
-                    await self._send(self.h11.send(_CONTINUE) or b"")
+                if pending is not None and not continued:
+                    continued = True
+                    if self.h11.they_are_waiting_for_100_continue:
+                        await self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
                 # A head is read at most `max_head` past what is buffered, so that h11 never
                 # parses (only to refuse) much more than a head's worth of header lines.
                 reading_head = self.h11.their_state is h11.IDLE
@@ -280,7 +296,7 @@ class _Connection:
             elif isinstance(event, h11.EndOfMessage) and pending is not None:
                 if len(event.headers) > limits.max_headers:
                     raise _Reject(_too_many_fields("trailer", limits.max_headers))
-                return _with_body(pending, bytes(body))
+                return _with_body(pending, bytes(body)) if body else pending
             else:  # ConnectionClosed: the peer left between requests
                 return None
 
@@ -307,12 +323,20 @@ class _Connection:
             raise _too_large("request head", limits.max_head)
         if len(raw) > limits.max_headers:
             raise _Reject(_too_many_fields("header", limits.max_headers))
-        headers = tuple((n.decode("ascii"), v.decode("latin-1")) for n, v in event.headers)
+        # Names lower-cased as h11 does (iterating `event.headers` itself is slow: a Sequence).
+        headers = tuple((n.decode("ascii").lower(), v.decode("latin-1")) for n, v in raw)
+        # h11's own rule for keep-alive: HTTP/1.0, or a "close" among the Connection tokens.
+        close = event.http_version < b"1.1"
         for name, value in headers:
             if name == "content-length" and (
                 len(value) > _MAX_LENGTH_DIGITS or int(value) > limits.max_body
             ):
                 raise _too_large("request body", limits.max_body)
+            if name == "connection" and "close" in (
+                token.strip(" \t").lower() for token in value.split(",")
+            ):
+                close = True
+        self.close = close
         path, query = _parse_target(event.target)
         return Request(self.method, event.target.decode("ascii"), path, query, headers)
 
@@ -320,9 +344,10 @@ class _Connection:
 
     async def respond(self, handler: Handler, request: Request) -> bool:
         """Run the handler and send its answer; whether the connection stays open."""
+        close = self.close
         try:
             response = await handler(request)
-            head = _response_head(response, close=False)
+            data = _serialize(response, request.method, close=close)
         except DropConnection:
             return False
         except Exception:
@@ -330,19 +355,11 @@ class _Connection:
             await self.send(_INTERNAL, request.method, close=True)
             await self.linger()
             return False
-        await self._write(head, response, request.method)
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+        await self._send(data)
+        return not close
 
     async def send(self, response: Response, method: str, *, close: bool) -> None:
-        await self._write(_response_head(response, close=close), response, method)
-
-    async def _write(self, head: h11.Response, response: Response, method: str) -> None:
-        data = self.h11.send(head) or b""
-        # h11 frames HEAD, 204 and 304 answers as bodiless and refuses body bytes for them.
-        if method != "HEAD" and response.status not in (204, 304):
-            data += self.h11.send(h11.Data(data=response.body)) or b""
-        data += self.h11.send(h11.EndOfMessage()) or b""
-        await self._send(data)
+        await self._send(_serialize(response, method, close=close))
 
     async def _send(self, data: bytes) -> None:
         with trio.move_on_after(self.limits.send_timeout):
@@ -366,48 +383,62 @@ class _PeerGone(Exception):
     """The peer closed its side before a request was complete: nobody to answer."""
 
 
-_CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
-
-
 def _too_many_fields(what: str, limit: int) -> Response:
     return Response.error(413, "too_large", f"request has more than {limit} {what} fields")
 
 
-def _response_head(response: Response, *, close: bool) -> h11.Response:
-    """The h11 event for `response`; raises if the handler built an invalid one (h11 validates
-    the fields as it builds the event, before the connection's state is touched)."""
+# What the handler may put in an answer: a field name is an RFC 9110 token; a value (and the
+# content type) no control byte but HTAB.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_STATUS_LINES: dict[int, bytes] = {}
+
+
+def _status_line(status: int) -> bytes:
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        if not 200 <= status <= 999:  # 1xx are interim answers, not a handler's
+            raise ValueError(f"handler answered the invalid status {status}")
+        try:
+            reason = HTTPStatus(status).phrase
+        except ValueError:
+            reason = ""  # an unregistered status: the reason phrase is optional
+        line = _STATUS_LINES[status] = f"HTTP/1.1 {status} {reason}\r\n".encode("ascii")
+    return line
+
+
+def _serialize(response: Response, method: str, *, close: bool) -> bytes:
+    """The bytes of `response`; raises if the handler built an invalid one.
+
+    Ours, not h11's `send`: writing an answer through h11 cost as much as parsing the request,
+    and what it checks, the fields a handler sets, is checked here."""
     if not isinstance(response, Response):
         raise TypeError(f"handler returned {type(response).__name__}, not Response")
-    headers = [
-        ("Content-Type", response.content_type),
-        ("Cache-Control", "no-store"),  # tokens must never sit in a cache
-        ("Server", _SERVER),
+    status = response.status
+    head = [
+        _status_line(status).decode("ascii"),
+        f"Content-Type: {response.content_type}\r\n",
+        "Cache-Control: no-store\r\n",  # tokens must never sit in a cache
+        f"Server: {_SERVER}\r\n",
     ]
-    if response.status not in (204, 304):
-        headers.append(("Content-Length", str(len(response.body))))
+    if status not in (204, 304):
+        head.append(f"Content-Length: {len(response.body)}\r\n")
     for name, value in response.headers:
         if name.lower() in _RESERVED_HEADERS:
             raise ValueError(f"handler set the reserved header {name}")
-        headers.append((name, value))
+        head.append(f"{name}: {value}\r\n")
     if close:
-        headers.append(("Connection", "close"))
-    return h11.Response(
-        status_code=response.status, headers=headers, reason=_reason(response.status)
-    )
-
-
-_REASONS: dict[int, bytes] = {}
-
-
-def _reason(status: int) -> bytes:
-    reason = _REASONS.get(status)
-    if reason is None:
-        try:
-            reason = HTTPStatus(status).phrase.encode("ascii")
-        except ValueError:
-            reason = b""  # an unregistered status: the reason phrase is optional
-        _REASONS[status] = reason
-    return reason
+        head.append("Connection: close\r\n")
+    head.append("\r\n")
+    if response.headers or _BAD_VALUE.search(response.content_type):
+        for name, value in (("Content-Type", response.content_type), *response.headers):
+            if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+                raise ValueError(f"handler set an invalid header {name!r}")
+    data = "".join(head).encode("latin-1")
+    # HEAD, 204 and 304 answers carry no body.
+    if method != "HEAD" and status not in (204, 304):
+        data += response.body
+    return data
 
 
 def _parse_target(raw: bytes) -> tuple[str, Mapping[str, str]]:
