@@ -444,7 +444,7 @@ def _complete(data: bytes) -> bool:
     if text.startswith(("{", "[")):
         try:
             json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # incomplete, or bad: read on until Ctrl-D
             return False
         return True
     return data.rstrip(b" \t").endswith((b"\n", b"\r"))

@@ -176,3 +176,18 @@ def test_usage_errors_exit_64(capsys):
         assert capsys.readouterr().err.startswith("aemagent: ")
     assert cli.main(["forget"]) == 64
     assert cli.main(["forget", "a", "--all"]) == 64
+
+
+@pytest.mark.parametrize(
+    ("pasted", "whole"),
+    [
+        (b'{"a": 1}', True),
+        (b'{"a": ', False),
+        (b"[" * 100_000, False),  # nested too deeply to parse: not whole, and no traceback
+        (b"eyJ.a.b\n", True),
+        (b"eyJ.a.b", False),
+        (b"  \n", False),
+    ],
+)
+def test_pasted_text_is_whole_when_json_parses_or_a_token_line_ends(pasted, whole):
+    assert cli._complete(pasted) is whole
