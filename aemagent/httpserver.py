@@ -3,8 +3,10 @@
 Theory of operation. `serve_http` owns one connection: it feeds the bytes it receives to an h11
 state machine, turns each complete request into a `Request`, awaits the handler (a plain async
 function `Request -> Response`, with no knowledge of sockets) and writes the `Response` back,
-then loops for the next request on the same connection (keep-alive; pipelined bytes stay in h11's
-buffer) until either side closes.
+then loops for the next request on the same connection (keep-alive on HTTP/1.1 unless the
+request says close; pipelined bytes go on to the next request's parser) until either side
+closes. h11 parses everything the peer sends; the answers, our own bytes, are serialized here
+(`_serialize`): through h11 they cost as much again as the parse.
 
 Everything the peer can get wrong ends that connection and nothing else: malformed HTTP (whatever
 h11 refuses) gets 400, a head, a body or a header count over the limits gets 413 (decided before
