@@ -13,6 +13,7 @@ import json
 import logging
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -306,6 +307,7 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
 
 
 @pytest.mark.integration
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the daemon's VmHWM from /proc")
 def test_a_gzip_bomb_from_ims_is_refused_unread(ims: procs.EmulatorProcess, tmp_path: Path):
     """A few KiB with `Content-Encoding: gzip, gzip` inflating to 512 MiB, answered to every
     exchange. The daemon asks for identity and refuses the coding before reading: its memory
