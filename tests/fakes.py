@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import trio
 
-from aemagent.clocks import Now
+from aemagent.core.clocks import Now
+from aemagent.core.source import Grant
 from aemagent.credentials import Secret
-from aemagent.ims import Grant
 
 DAY = 86400.0
 

@@ -168,7 +168,7 @@ class AgentProcess:
 def wait_for_agent(
     sock: str, proc: subprocess.Popen[Any] | None = None, timeout: float = 20.0
 ) -> int:
-    from aemagent.launch import agent_pid
+    from aemagent.cli.launch import agent_pid
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -281,7 +281,7 @@ def python_as(uid: int, gid: int) -> UserPython | None:
         if not os.path.exists(python):
             continue
         probe = subprocess.run(
-            [*drop, python, "-c", "import aemagent.daemon"],
+            [*drop, python, "-c", "import aemagent.daemon.server"],
             env=base_env(**extra),
             stdin=subprocess.DEVNULL,
             capture_output=True,

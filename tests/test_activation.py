@@ -27,8 +27,8 @@ from pathlib import Path
 import procs
 import pytest
 
-from aemagent.launch import agent_pid
-from aemagent.unixsocket import lock_is_held
+from aemagent.cli.launch import agent_pid
+from aemagent.daemon.unixsocket import lock_is_held
 
 ACTIVATE = shutil.which("systemd-socket-activate")
 

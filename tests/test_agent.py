@@ -12,7 +12,7 @@ import pytest
 import trio
 from fakes import DAY, FakeCredential, FakeIMS, FixedRandom, LinkedClock
 
-from aemagent.agent import Agent
+from aemagent.core.agent import Agent
 from aemagent.errors import (
     AmbiguousError,
     IMSPermanentError,

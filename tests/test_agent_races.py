@@ -15,7 +15,7 @@ import pytest
 import trio
 from fakes import FakeCredential, FakeIMS, FixedRandom, LinkedClock
 
-from aemagent.agent import Agent
+from aemagent.core.agent import Agent
 from aemagent.errors import IMSTransientError, UnavailableError, UsageError
 
 

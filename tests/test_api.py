@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from keys import CLIENT_SECRET, key_pair, service_json
 
-from aemagent.agent import Agent
-from aemagent.api import AgentAPI, route
+from aemagent.core.agent import Agent
 from aemagent.credentials import parse_credential
-from aemagent.httpserver import Request, Response, serve_http
+from aemagent.daemon.api import AgentAPI, route
+from aemagent.daemon.httpserver import Request, Response, serve_http
 
 
 def test_route_table():
@@ -304,7 +304,7 @@ async def test_deeply_nested_json_is_a_400_not_a_crash(autojump_clock, method, p
 
 
 async def test_the_emulator_answers_deeply_nested_json_with_a_400():
-    from aemagent.emulator_ims import Emulator
+    from aemagent.emulator.ims import Emulator
 
     emulator = Emulator("http://127.0.0.1:4502")
     for path in ("/_emulator/faults", "/_emulator/clock"):

@@ -13,10 +13,10 @@ import trio
 from fakes import FakeIMS, FixedRandom, LinkedClock
 from keys import key_pair, service_json
 
-from aemagent.agent import Agent
-from aemagent.config import Config, ProfileSource, load_config, parse_config, save_profile
+from aemagent.core.agent import Agent
+from aemagent.daemon.config import Config, ProfileSource, load_config, parse_config, save_profile
+from aemagent.daemon.sources import ConfigProfiles, read_source
 from aemagent.errors import ConfigError, UnavailableError
-from aemagent.sources import ConfigProfiles, read_source
 
 
 def test_missing_default_file_is_an_empty_config(tmp_path):
@@ -243,16 +243,16 @@ async def test_keys_are_parsed_once_per_distinct_bytes_and_not_again_on_reload(
     """Checking an RSA key costs ~40 ms of CPU. Profiles reading the same bytes parse them once,
     a reload whose bytes did not change parses nothing, changed bytes are parsed again, and no
     credential outlives its profile in the cache. Broken: one parse per profile and reload."""
-    import aemagent.sources
+    import aemagent.daemon.sources
 
     parsed: list[bytes] = []
-    real_parse = aemagent.sources.parse_credential
+    real_parse = aemagent.daemon.sources.parse_credential
 
     def counting_parse(raw):
         parsed.append(raw)
         return real_parse(raw)
 
-    monkeypatch.setattr(aemagent.sources, "parse_credential", counting_parse)
+    monkeypatch.setattr(aemagent.daemon.sources, "parse_credential", counting_parse)
     shared = write_json(tmp_path / "shared.json", service_json(key_pair(0)))
     own = write_json(tmp_path / "own.json", service_json(key_pair(1)))
     text = "".join(f'[profiles.s{i}]\nfile = "{shared}"\n' for i in range(5))

@@ -42,7 +42,7 @@ from aemagent.credentials import (
     is_loopback_host,
     parse_credential,
 )
-from aemagent.credentials_devtoken import looks_like_token
+from aemagent.credentials.devtoken import looks_like_token
 from aemagent.errors import CredentialError
 
 

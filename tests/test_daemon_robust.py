@@ -27,10 +27,11 @@ import pytest
 import trio
 from fakes import FakeIMS, LinkedClock
 
-from aemagent import daemon, unixsocket
-from aemagent.daemon import DaemonSettings, serve_agent
+from aemagent.cli.launch import agent_pid
+from aemagent.daemon import server as daemon
+from aemagent.daemon import unixsocket
+from aemagent.daemon.server import DaemonSettings, serve_agent
 from aemagent.errors import SocketDirError
-from aemagent.launch import agent_pid
 from aemagent.wire import request
 
 NOBODY = 65534

@@ -15,7 +15,7 @@ from pathlib import Path
 import procs
 import pytest
 
-from aemagent.logs import fingerprint
+from aemagent.core.logs import fingerprint
 
 pytestmark = pytest.mark.integration
 

@@ -30,8 +30,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aemagent import emulator_tokens
-from aemagent.emulator import (
+from aemagent.daemon.httpserver import Request
+from aemagent.emulator import tokens as emulator_tokens
+from aemagent.emulator.app import (
     Emulator,
     EmulatorSettings,
     RunningEmulator,
@@ -39,7 +40,6 @@ from aemagent.emulator import (
     run,
     serve_emulator,
 )
-from aemagent.httpserver import Request
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 DROP = object()  # a claim to leave out

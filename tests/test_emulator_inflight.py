@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from aemagent.emulator import EmulatorSettings, RunningEmulator, add_arguments, serve_emulator
+from aemagent.emulator.app import EmulatorSettings, RunningEmulator, add_arguments, serve_emulator
 
 DELAY = 0.3  # long enough for every concurrent request to arrive before the first is answered
 SSL_CONTEXT = ssl.create_default_context()

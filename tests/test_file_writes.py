@@ -14,8 +14,8 @@ from pathlib import Path
 import procs
 import pytest
 
-from aemagent import config as config_mod
-from aemagent.config import ProfileSource, save_profile
+from aemagent.daemon import config as config_mod
+from aemagent.daemon.config import ProfileSource, save_profile
 from aemagent.errors import ConfigError
 
 

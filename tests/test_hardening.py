@@ -34,8 +34,8 @@ from pathlib import Path
 import procs
 import pytest
 
-from aemagent.launch import agent_pid
-from aemagent.logs import fingerprint
+from aemagent.cli.launch import agent_pid
+from aemagent.core.logs import fingerprint
 from aemagent.wire import request
 
 pytestmark = [

@@ -28,8 +28,8 @@ import trio.testing
 from fakes import FakeIMS, LinkedClock
 from test_httpserver import SMALL, echo, get, serving
 
-from aemagent.daemon import DaemonSettings, serve_agent
-from aemagent.httpserver import Limits, Request, Response, serve_http
+from aemagent.daemon.httpserver import Limits, Request, Response, serve_http
+from aemagent.daemon.server import DaemonSettings, serve_agent
 
 # SMALL's deadlines (request 10 s, idle 30 s) with the defaults for the rest: the send
 # deadline is the default one (5 s).

@@ -26,7 +26,7 @@ from keys import (
 )
 
 from aemagent import __version__
-from aemagent.clocks import FakeClock, Now
+from aemagent.core.clocks import FakeClock, Now
 from aemagent.credentials import (
     Credential,
     DevToken,
@@ -35,7 +35,8 @@ from aemagent.credentials import (
     ServiceCredential,
     parse_credential,
 )
-from aemagent.emulator_ims import Emulator
+from aemagent.daemon.httpserver import Request
+from aemagent.emulator.ims import Emulator
 from aemagent.errors import (
     ClockSkewError,
     ConfigError,
@@ -44,8 +45,7 @@ from aemagent.errors import (
     IMSTransientError,
     UsageError,
 )
-from aemagent.httpserver import Request
-from aemagent.ims import (
+from aemagent.ims.client import (
     Grant,
     IMSClient,
     build_jwt_claims,

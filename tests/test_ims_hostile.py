@@ -27,11 +27,11 @@ import pytest
 from keys import ims_token
 from test_ims import IMS_NOW, FakeIMS, credential, form, oauth
 
-from aemagent.clocks import FakeClock
-from aemagent.emulator_faults import Fault
-from aemagent.emulator_tokens import Refusal
+from aemagent.core.clocks import FakeClock
+from aemagent.emulator.faults import Fault
+from aemagent.emulator.tokens import Refusal
 from aemagent.errors import ClockSkewError, IMSPermanentError, IMSTransientError
-from aemagent.ims import LIFETIME_CAP, error_from_response
+from aemagent.ims.client import LIFETIME_CAP, error_from_response
 
 DAY = 86400.0
 NAME = "p12345-e67890"  # the name derived from the emulator's service credential

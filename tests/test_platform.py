@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from aemagent import clocks, daemon, paths, unixsocket
+from aemagent import paths
+from aemagent.core import clocks
+from aemagent.daemon import server as daemon
+from aemagent.daemon import unixsocket
 
 UID = os.getuid()
 FALLBACK = f"/tmp/aemagent-{UID}/agent.sock"

@@ -2,9 +2,8 @@
 
 import pytest
 
-from aemagent.clocks import Now, on_grid
-from aemagent.errors import UsageError
-from aemagent.policy import (
+from aemagent.core.clocks import Now, on_grid
+from aemagent.core.policy import (
     PolicySettings,
     Schedule,
     backoff_delay,
@@ -12,6 +11,7 @@ from aemagent.policy import (
     fetched_token_times,
     fixed_token_times,
 )
+from aemagent.errors import UsageError
 
 S = PolicySettings()
 DAY = 86400.0

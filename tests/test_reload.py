@@ -19,10 +19,10 @@ import trio
 from fakes import FakeIMS, FixedRandom, LinkedClock
 from keys import dev_token, devtoken_json, key_pair, service_json
 
-from aemagent.agent import Agent
-from aemagent.config import load_config
+from aemagent.core.agent import Agent
+from aemagent.daemon.config import load_config
+from aemagent.daemon.sources import ConfigProfiles, ReloadOutcome
 from aemagent.errors import ConfigError
-from aemagent.sources import ConfigProfiles, ReloadOutcome
 
 
 def write_json(path: Path, obj: object) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import procs
 import pytest
 
-from aemagent import service
+from aemagent.cli import service
 
 ROOT = Path(__file__).resolve().parent.parent
 ANALYZE = shutil.which("systemd-analyze")
@@ -69,7 +69,7 @@ def _service(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
 
 def test_the_shipped_files_are_what_service_install_generates() -> None:
     """systemd/ and launchd/ hold the generated texts with template paths, so they cannot drift
-    from what users install. Regenerate: python -c 'from aemagent.service import templates; ...'."""
+    from what users install. Regenerate: python -c 'from aemagent.cli.service import templates; ...'."""
     for relative, content in service.templates().items():
         assert (ROOT / relative).read_bytes() == content, relative
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import procs
 import pytest
 
-from aemagent.launch import agent_pid
+from aemagent.cli.launch import agent_pid
 
 pytestmark = [
     pytest.mark.integration,

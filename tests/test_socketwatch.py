@@ -22,12 +22,13 @@ import pytest
 import trio
 from fakes import FakeCredential, FakeIMS, LinkedClock
 
-from aemagent import daemon, unixsocket
-from aemagent.agent import Agent
-from aemagent.config import Config
-from aemagent.daemon import DaemonSettings, Notifier, serve_agent
-from aemagent.sources import ConfigProfiles
-from aemagent.unixsocket import DirectoryWatch, identity
+from aemagent.core.agent import Agent
+from aemagent.daemon import server as daemon
+from aemagent.daemon import unixsocket
+from aemagent.daemon.config import Config
+from aemagent.daemon.server import DaemonSettings, Notifier, serve_agent
+from aemagent.daemon.sources import ConfigProfiles
+from aemagent.daemon.unixsocket import DirectoryWatch, identity
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
 

@@ -15,14 +15,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from aemagent import __version__
-from aemagent.agent import Agent
+from aemagent.core.agent import Agent
+from aemagent.core.profiles import Profile, Served, Unloaded
 from aemagent.credentials import parse_credential
+from aemagent.daemon.httpserver import Request, Response
 from aemagent.errors import AemAgentError, UsageError
-from aemagent.httpserver import Request, Response
-from aemagent.profile import Profile, Served, Unloaded
 
 if TYPE_CHECKING:
-    from aemagent.sources import ConfigProfiles
+    from aemagent.daemon.sources import ConfigProfiles
 
 log = logging.getLogger("aemagent.api")
 

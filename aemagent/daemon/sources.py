@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from aemagent.agent import Agent
-from aemagent.config import MAX_SOURCE_BYTES, Config, ProfileSource, load_config
+from aemagent.core.agent import Agent
+from aemagent.core.profiles import Profile, Unloaded
 from aemagent.credentials import Credential, parse_credential
+from aemagent.daemon.config import MAX_SOURCE_BYTES, Config, ProfileSource, load_config
 from aemagent.errors import AemAgentError, ConfigError, UnavailableError
-from aemagent.profile import Profile, Unloaded
 
 log = logging.getLogger("aemagent.config")
 

@@ -47,10 +47,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from aemagent.emulator_faults import Fault
-from aemagent.emulator_ims import DEFAULT_TOKEN_LIFETIME, Emulator
-from aemagent.emulator_tokens import write_credential_files
-from aemagent.httpserver import serve_http
+from aemagent.daemon.httpserver import serve_http
+from aemagent.emulator.faults import Fault
+from aemagent.emulator.ims import DEFAULT_TOKEN_LIFETIME, Emulator
+from aemagent.emulator.tokens import write_credential_files
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -270,9 +270,3 @@ def _delay(text: str) -> float:
     if not 0 <= value <= 600:  # also refuses nan
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 600")
     return value
-
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="aemagent emulator", description="A local IMS emulator.")
-    add_arguments(_parser)
-    sys.exit(run(_parser.parse_args()))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from aemagent.clocks import Now
+from aemagent.core.clocks import Now
 from aemagent.errors import UsageError
 
 

@@ -75,7 +75,7 @@ def _process(
 
 
 def _wait_for_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    from aemagent.launch import agent_pid
+    from aemagent.cli.launch import agent_pid
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -204,7 +204,7 @@ def _demo_steps(env: dict[str, str], service: str, base: str) -> None:
         check=False,
     )
     info = json.loads(done.stdout)
-    from aemagent.logs import fingerprint
+    from aemagent.core.logs import fingerprint
 
     info["access_token"] = f"<{fingerprint(info['access_token'])}>"
     print(_indent(json.dumps(info)))

@@ -30,8 +30,9 @@ from typing import Any
 
 import trio
 
-from aemagent.emulator_faults import Fault
-from aemagent.emulator_tokens import (
+from aemagent.daemon.httpserver import DropConnection, Request, Response
+from aemagent.emulator.faults import Fault
+from aemagent.emulator.tokens import (
     DEVTOKEN_CLIENT_ID,
     InvalidAccessToken,
     OAuthClient,
@@ -41,7 +42,6 @@ from aemagent.emulator_tokens import (
     check_jwt_assertion,
     peek_jwt,
 )
-from aemagent.httpserver import DropConnection, Request, Response
 
 logger = logging.getLogger("aemagent.emulator")
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-from aemagent.clocks import Now
+from aemagent.core.clocks import Now
+from aemagent.core.policy import Schedule
 from aemagent.credentials import Credential, Secret
 from aemagent.errors import AemAgentError, UsageError
-from aemagent.policy import Schedule
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 

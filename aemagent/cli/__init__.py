@@ -91,7 +91,7 @@ def _decode(reply: Reply) -> Any:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from aemagent.launch import LaunchError, agent_pid, spawn_daemon
+    from aemagent.cli.launch import LaunchError, agent_pid, spawn_daemon
 
     path = socket_path(args.socket)
     pid = agent_pid(path)
@@ -154,7 +154,7 @@ def _fish_quote(text: str) -> str:
 
 def _check_config(path: str | None) -> Any:
     """The config file, parsed; a file that `serve` would refuse is a usage error (64)."""
-    from aemagent.config import load_config
+    from aemagent.daemon.config import load_config
 
     try:
         return load_config(path, required=path is not None)
@@ -163,11 +163,11 @@ def _check_config(path: str | None) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aemagent import logs
+    from aemagent.core import logs
 
     config = _check_config(args.config)
     logs.configure(args.log_level or config.log_level or "info")
-    from aemagent.daemon import DaemonSettings, run
+    from aemagent.daemon.server import DaemonSettings, run
 
     return run(DaemonSettings(socket_path=socket_path(args.socket), config=config))
 
@@ -193,7 +193,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     answer = _decode(reply)
     if not isinstance(answer, dict) or not isinstance(answer.get("profiles"), list):
         raise CLIError("the agent's answer to the reload is not understood")
-    from aemagent.launch import agent_pid
+    from aemagent.cli.launch import agent_pid
 
     print(reload_summary(answer, agent_pid(path)))
     return EXIT_OK
@@ -216,7 +216,7 @@ def reload_summary(answer: dict[str, Any], pid: int | None = None) -> str:
 def _reload_by_signal(path: str) -> int:
     import signal
 
-    from aemagent.launch import agent_pid
+    from aemagent.cli.launch import agent_pid
 
     pid = agent_pid(path)
     if pid is None:
@@ -230,7 +230,7 @@ def _reload_by_signal(path: str) -> int:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from aemagent import service
+    from aemagent.cli import service
 
     plan = service.plan_for(args.manager or service.default_manager())
     act = service.install if args.action == "install" else service.uninstall
@@ -246,7 +246,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     path = socket_path(args.socket)
     answer = call(args, "POST", "/v1/shutdown")
     pid = answer.get("pid") if isinstance(answer, dict) else None
-    from aemagent.launch import wait_until_gone
+    from aemagent.cli.launch import wait_until_gone
 
     if not wait_until_gone(path, _STOP_TIMEOUT):
         raise CLIError(f"the agent (pid {pid}) did not stop within {_STOP_TIMEOUT:g} s")
@@ -320,7 +320,7 @@ def _waiting_note(note: str, after: float = _WAITING_NOTE_AFTER) -> Iterator[Non
 
 
 def save_to_config(args: argparse.Namespace, name: str) -> None:
-    from aemagent.config import ProfileSource, default_config_path, save_profile
+    from aemagent.daemon.config import ProfileSource, default_config_path, save_profile
 
     path = args.config or default_config_path()
     source = ProfileSource(
@@ -515,7 +515,7 @@ def human_until(unix: float, now: float, prefix: str = "") -> str:
 
 
 def human_duration(seconds: float) -> str:
-    from aemagent.logs import describe_duration
+    from aemagent.core.logs import describe_duration
 
     return describe_duration(seconds)
 
@@ -559,7 +559,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def run_emulator(argv: list[str]) -> int:
-    from aemagent import emulator
+    from aemagent.emulator import app as emulator
 
     parser = _Parser(
         prog="aemagent emulator", description="A local Adobe IMS stand-in for tests and demos."
@@ -569,7 +569,7 @@ def run_emulator(argv: list[str]) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from aemagent import demo
+    from aemagent.emulator import demo
 
     return demo.run(keep=args.keep)
 

@@ -26,13 +26,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
 
-from aemagent.credentials_devtoken import (
+from aemagent.credentials.devtoken import (
     DevToken,
     looks_like_token,
     parse_dev_token,
     parse_dev_token_json,
 )
-from aemagent.credentials_fields import (
+from aemagent.credentials.fields import (
     DEFAULT_IMS_BASE,
     Secret,
     canonical_digest,
@@ -45,7 +45,7 @@ from aemagent.credentials_fields import (
     text_field,
     token_field,
 )
-from aemagent.credentials_oauth import OAUTH_KEYS, OAuthCredential, parse_oauth
+from aemagent.credentials.oauth import OAUTH_KEYS, OAuthCredential, parse_oauth
 from aemagent.errors import CredentialError
 
 __all__ = [

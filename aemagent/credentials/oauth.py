@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from aemagent.credentials_fields import (
+from aemagent.credentials.fields import (
     DEFAULT_IMS_BASE,
     Secret,
     canonical_digest,

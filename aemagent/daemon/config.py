@@ -26,8 +26,8 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from aemagent.core.policy import PolicySettings
 from aemagent.errors import ConfigError
-from aemagent.policy import PolicySettings
 
 # A credential is a few KiB; a command printing more than this is not printing a credential.
 MAX_SOURCE_BYTES = 1024 * 1024
@@ -187,8 +187,8 @@ def _typed(value: Any, kind: type, path: str, where: str) -> Any:
 
 
 def _profile(name: str, table: Any, path: str) -> ProfileSource:
+    from aemagent.core.profiles import check_profile_name
     from aemagent.errors import UsageError
-    from aemagent.profile import check_profile_name
 
     where = f"profiles.{name}"
     try:

@@ -29,7 +29,6 @@ import logging
 import math
 import re
 import ssl
-from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Self, assert_never, cast
@@ -40,6 +39,8 @@ import jwt
 import trio
 
 from aemagent import __version__
+from aemagent.core.logs import utc_iso
+from aemagent.core.source import Grant
 from aemagent.credentials import (
     Credential,
     DevToken,
@@ -56,12 +57,11 @@ from aemagent.errors import (
     IMSTransientError,
     UsageError,
 )
-from aemagent.logs import utc_iso
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator
 
-    from aemagent.clocks import Clock, Now
+    from aemagent.core.clocks import Clock, Now
 
 __all__ = [
     "Grant",
@@ -94,18 +94,6 @@ _PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
 _NO_REFRESH = (
     "a development token cannot be refreshed; download a new one from the AEM Developer Console"
 )
-
-
-@dataclass(frozen=True, repr=False)
-class Grant:
-    """One access token fetched from IMS."""
-
-    access_token: Secret
-    lifetime: float  # seconds: the token's own expires_in (ms), else the response's
-    sent: Now  # both clocks, read just before the request was sent
-
-    def __repr__(self) -> str:
-        return f"Grant(lifetime={self.lifetime!r}, sent={self.sent!r})"
 
 
 # --- pure pieces ----------------------------------------------------------------------------------

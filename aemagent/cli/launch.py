@@ -107,7 +107,7 @@ def spawn_daemon(
     path: str, *, timeout: float, log_level: str | None = None, config: str | None = None
 ) -> Launched:
     """Start `aemagent serve` detached; return the agent that then serves `path`."""
-    from aemagent.unixsocket import ensure_private_dir, lock_is_held
+    from aemagent.daemon.unixsocket import ensure_private_dir, lock_is_held
 
     ensure_private_dir(os.path.dirname(os.path.abspath(path)))  # a clear error here, not in a log
     log_path = log_file_path()
@@ -165,7 +165,7 @@ def spawn_daemon(
 
 def wait_until_gone(path: str, timeout: float) -> bool:
     """Wait until no agent answers on `path` and its lifetime lock is free."""
-    from aemagent.unixsocket import lock_is_held
+    from aemagent.daemon.unixsocket import lock_is_held
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

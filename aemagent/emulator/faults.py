@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import trio
 
-from aemagent.emulator_tokens import Refusal
-from aemagent.httpserver import DropConnection, Response
+from aemagent.daemon.httpserver import DropConnection, Response
+from aemagent.emulator.tokens import Refusal
 
 ENDPOINTS = frozenset({"jwt", "token", "invalidate", "aem", "any"})
 # The emulator's server frames every answer itself.

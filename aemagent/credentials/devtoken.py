@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from aemagent.credentials_fields import Secret, canonical_digest, describe, text_value
+from aemagent.core.logs import utc_iso
+from aemagent.credentials.fields import Secret, canonical_digest, describe, text_value
 from aemagent.errors import CredentialError
-from aemagent.logs import utc_iso
 
 __all__ = ["DevToken", "looks_like_token", "parse_dev_token", "parse_dev_token_json"]
 

@@ -40,12 +40,32 @@ import logging
 import math
 import random
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 import trio
 
-from aemagent.clocks import Clock, Now, SystemClock, on_grid
+from aemagent.core.clocks import Clock, Now, SystemClock, on_grid
+from aemagent.core.logs import describe_duration, fingerprint, utc_iso
+from aemagent.core.policy import (
+    PolicySettings,
+    Schedule,
+    TokenTimes,
+    effective_min_valid,
+    fetched_token_times,
+    fixed_token_times,
+)
+from aemagent.core.profiles import (
+    Flight,
+    Profile,
+    Served,
+    Unloaded,
+    account_of,
+    check_profile_name,
+    identity_text,
+    same_identity,
+)
+from aemagent.core.source import TokenSource
 from aemagent.credentials import Credential, DevToken, Secret
 from aemagent.errors import (
     AemAgentError,
@@ -56,26 +76,6 @@ from aemagent.errors import (
     UnavailableError,
     UsageError,
 )
-from aemagent.ims import Grant
-from aemagent.logs import describe_duration, fingerprint, utc_iso
-from aemagent.policy import (
-    PolicySettings,
-    Schedule,
-    TokenTimes,
-    effective_min_valid,
-    fetched_token_times,
-    fixed_token_times,
-)
-from aemagent.profile import (
-    Flight,
-    Profile,
-    Served,
-    Unloaded,
-    account_of,
-    check_profile_name,
-    identity_text,
-    same_identity,
-)
 
 log = logging.getLogger("aemagent.agent")
 
@@ -83,14 +83,6 @@ log = logging.getLogger("aemagent.agent")
 DEFAULT_IMS_CONCURRENCY = 4
 # A development token counts as expired this long before the expiry IMS stamped into it.
 DEV_TOKEN_MARGIN = 30.0
-
-
-class TokenSource(Protocol):
-    """Where tokens come from: `ims.IMSClient`, or a fake in tests."""
-
-    async def fetch(self, credential: Credential) -> Grant: ...
-
-    async def revoke(self, credential: Credential, token: Secret) -> str: ...
 
 
 @dataclass(frozen=True)

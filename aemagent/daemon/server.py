@@ -44,15 +44,13 @@ from typing import Any
 import trio
 
 from aemagent import __version__
-from aemagent.agent import Agent
-from aemagent.api import AgentAPI
-from aemagent.clocks import Clock, SystemClock, on_grid
-from aemagent.config import Config
-from aemagent.errors import AemAgentError
-from aemagent.httpserver import Limits, Request, Response, SocketIO, serve_http
-from aemagent.ims import IMSClient
-from aemagent.sources import ConfigProfiles
-from aemagent.unixsocket import (
+from aemagent.core.agent import Agent
+from aemagent.core.clocks import Clock, SystemClock, on_grid
+from aemagent.daemon.api import AgentAPI
+from aemagent.daemon.config import Config
+from aemagent.daemon.httpserver import Limits, Request, Response, SocketIO, serve_http
+from aemagent.daemon.sources import ConfigProfiles
+from aemagent.daemon.unixsocket import (
     AlreadyRunning,
     DirectoryWatch,
     LifetimeLock,
@@ -62,6 +60,8 @@ from aemagent.unixsocket import (
     inherited_socket,
     peer_uid,
 )
+from aemagent.errors import AemAgentError
+from aemagent.ims.client import IMSClient
 
 log = logging.getLogger("aemagent.daemon")
 
