@@ -5,6 +5,8 @@ import copy
 import fnmatch
 import json
 import pickle
+import subprocess
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -1060,3 +1062,20 @@ def test_any_input_parses_or_raises_credential_error(raw):
         if isinstance(cred, DevToken):
             assert cred.lifetime > 0
             assert cred.expires_at == cred.created_at + cred.lifetime
+
+
+def test_only_a_service_credential_loads_cryptography() -> None:
+    """The agent's core imports `aemagent.credentials`; only service credentials need the key
+    library, so it is loaded when one is parsed (or `ServiceCredential` is asked for)."""
+    code = (
+        "import sys, json\n"
+        "import aemagent.credentials as c\n"
+        "loaded = lambda: any(m.split('.')[0] == 'cryptography' for m in sys.modules)\n"
+        "assert not loaded()\n"
+        f"c.parse_credential({json.dumps(oauth_json())!r})\n"
+        f"c.parse_credential({dev_token()!r})\n"
+        "assert not loaded()\n"
+        "c.ServiceCredential\n"
+        "assert loaded()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

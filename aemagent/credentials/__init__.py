@@ -1,30 +1,22 @@
 """Credentials: parse what users download into frozen objects whose secrets never show themselves.
 
-Three kinds, each in its own module, all importable from here: AEM service credentials (below),
-OAuth server-to-server credentials (`credentials_oauth`) and local development tokens
-(`credentials_devtoken`). `parse_credential` first detects the kind, then hands the input to that
+Three kinds, each in its own module: AEM service credentials (`credentials.service`), OAuth
+server-to-server credentials (`credentials.oauth`) and local development tokens
+(`credentials.devtoken`). `parse_credential` first detects the kind, then hands the input to that
 kind's parser. Every complaint is one `CredentialError` line that names the field by its JSON
 path; for a secret field (client secret, private key, token) it gives the type and length, never
 the value, not even partly.
 
-Every kind has the attributes the agent reads: `kind`, `refreshable`, `client_id`, `org_id`,
-`technical_account_id`, `certificate_expires_at`, `digest`, `default_name()`, `derived_hosts()`.
+`Credential` names what every kind has: all the agent reads. Only service credentials need
+`cryptography`; their module is imported when one is parsed (or `ServiceCredential` is first
+asked of this package), so importing this package, as the agent's core does, does not load it.
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import math
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, ClassVar, TypeAlias
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aemagent.credentials.devtoken import (
     DevToken,
@@ -35,22 +27,21 @@ from aemagent.credentials.devtoken import (
 from aemagent.credentials.fields import (
     DEFAULT_IMS_BASE,
     Secret,
-    canonical_digest,
     describe,
     fail,
     ims_base_from_endpoint,
     is_loopback_host,
-    required,
-    scope_list,
-    text_field,
-    token_field,
 )
 from aemagent.credentials.oauth import OAUTH_KEYS, OAuthCredential, parse_oauth
 from aemagent.errors import CredentialError
 
+if TYPE_CHECKING:
+    from aemagent.credentials.service import ServiceCredential
+
 __all__ = [
     "DEFAULT_IMS_BASE",
     "Credential",
+    "CredentialError",
     "DevToken",
     "OAuthCredential",
     "Secret",
@@ -61,83 +52,55 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, repr=False, eq=False)
-class ServiceCredential:
-    """AEM service credentials (IMS.md 1.1), exchanged for tokens through a signed JWT."""
+class Credential(Protocol):
+    """What every kind of credential has (read-only): `ServiceCredential`, `OAuthCredential`,
+    `DevToken`, or a test's fake."""
 
-    kind: ClassVar[str] = "service"
-    refreshable: ClassVar[bool] = True  # IMS gives a new token whenever asked (agent.py uses it)
-    client_id: str
-    client_secret: Secret
-    org_id: str
-    technical_account_id: str
-    technical_account_email: str | None
-    ims_base: str
-    metascopes: tuple[str, ...]
-    private_key: RSAPrivateKey
-    certificate_expires_at: float | None
-    # Left empty, it is computed from the other fields (so hand-built credentials get one too).
-    digest: str = ""
+    @property
+    def kind(self) -> str:
+        """ "service", "oauth" or "devtoken"."""
 
-    def __post_init__(self) -> None:
-        if not self.digest:
-            object.__setattr__(self, "digest", _service_digest(self))
+    @property
+    def refreshable(self) -> bool:
+        """True if IMS gives a new token whenever asked; a development token is not."""
 
-    def __repr__(self) -> str:
-        return (
-            f"ServiceCredential(client_id={self.client_id!r}, org_id={self.org_id!r}, "
-            f"ims_base={self.ims_base!r}, metascopes={self.metascopes!r})"
-        )
+    @property
+    def client_id(self) -> str: ...
+
+    @property
+    def org_id(self) -> str | None: ...
+
+    @property
+    def technical_account_id(self) -> str | None: ...
+
+    @property
+    def certificate_expires_at(self) -> float | None:
+        """Unix seconds; None if the credential has no certificate, or did not say."""
+
+    @property
+    def digest(self) -> str:
+        """Equal for two credentials with all the same fields, secrets included."""
 
     def default_name(self) -> str:
-        match = _PROGRAM_ENV.match(self.client_id)
-        if match:
-            return match.group(1).lower()
-        name = re.sub(r"[^a-z0-9._-]+", "-", self.client_id.lower()).strip("-._")
-        return name[:64] or "service"
+        """The profile name used when none is given."""
 
     def derived_hosts(self) -> tuple[str, ...]:
-        """`*-p123-e1234.adobeaemcloud.com` for a `cm-p123-e1234[-suffix]` client id, else ().
-
-        The one pattern covers the environment's author-, publish- and preview- hosts, and no
-        other environment: the dash before `p` and the dot after the environment id are literal.
-        """
-        match = _PROGRAM_ENV.match(self.client_id)
-        return (f"*-{match.group(1).lower()}.adobeaemcloud.com",) if match else ()
+        """Host patterns the credential itself implies (`*-p1-e2.adobeaemcloud.com`), or ()."""
 
 
-Credential: TypeAlias = ServiceCredential | OAuthCredential | DevToken
+def __getattr__(name: str) -> Any:
+    # `ServiceCredential` is re-exported lazily: importing it loads cryptography.
+    if name == "ServiceCredential":
+        from aemagent.credentials.service import ServiceCredential
 
-# ASCII digits only: `\d` would also take other scripts' digits, which no host name holds.
-_PROGRAM_ENV = re.compile(r"cm-(p[0-9]+-e[0-9]+)(?:-.*)?\Z", re.IGNORECASE | re.DOTALL)
-# A cert expiry below this is in seconds, not ms: 1e11 s is the year 5138, 1e11 ms is 1973.
-_MS_THRESHOLD = 1e11
-
-
-def _service_digest(cred: ServiceCredential) -> str:
-    key_der = cred.private_key.private_bytes(
-        serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return canonical_digest(
-        {
-            "kind": cred.kind,
-            "client_id": cred.client_id,
-            "client_secret": cred.client_secret.reveal(),
-            "org_id": cred.org_id,
-            "technical_account_id": cred.technical_account_id,
-            "technical_account_email": cred.technical_account_email,
-            "ims_base": cred.ims_base,
-            "metascopes": list(cred.metascopes),
-            "private_key": base64.b64encode(key_der).decode("ascii"),
-            "certificate_expires_at": cred.certificate_expires_at,
-        }
-    )
+        return ServiceCredential
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- kind detection -------------------------------------------------------------------------------
 
+# Any of these at the top of an object marks it as service credentials without their
+# "integration" wrapper.
 _SERVICE_KEYS = frozenset({"technicalAccount", "imsEndpoint", "metascopes", "privateKey"})
 _UNDERSTOOD = (
     'expected AEM service credentials (an object with "integration"), '
@@ -172,7 +135,8 @@ def parse_credential(raw: bytes | str | Mapping[str, Any]) -> Credential:
 
 def _parse_object(obj: Mapping[Any, Any]) -> Credential:
     """Detect the kind of a JSON object and parse it as that kind."""
-    # AEM's own sample tells its two files apart by `accessToken` (IMS.md 1.3).
+    # AEM's own sample code tells a development token's file from service credentials by
+    # `accessToken`, which only the former has.
     if "accessToken" in obj:
         return parse_dev_token_json(obj)
     if "integration" in obj:
@@ -192,6 +156,12 @@ def _parse_object(obj: Mapping[Any, Any]) -> Credential:
             "download it again"
         )
     raise CredentialError(f"not a credential aemagent understands: {_UNDERSTOOD}")
+
+
+def _parse_service(body: Mapping[Any, Any], prefix: str) -> Credential:
+    from aemagent.credentials.service import parse_service
+
+    return parse_service(body, prefix)
 
 
 def _decode(raw: bytes) -> str:
@@ -223,117 +193,3 @@ def _load_json(text: str) -> Any:
         raise CredentialError("credential is not valid JSON: nested too deeply") from None
     except ValueError:  # e.g. an integer with more digits than Python converts
         raise CredentialError("credential is not valid JSON: a number is too long") from None
-
-
-# --- one parser per kind --------------------------------------------------------------------------
-
-
-def _parse_service(body: Mapping[Any, Any], prefix: str) -> ServiceCredential:
-    account = required(body, "technicalAccount", prefix)
-    account_path = f"{prefix}technicalAccount"
-    if not isinstance(account, Mapping):
-        fail(account_path, f"must be an object, got {describe(account, secret=True)}")
-    client_id = token_field(account, "clientId", f"{account_path}.")
-    client_secret = text_field(account, "clientSecret", f"{account_path}.", secret=True)
-    org_id = token_field(body, "org", prefix)
-    account_id = token_field(body, "id", prefix)
-    email = body.get("email")
-    if email is not None:
-        email = token_field(body, "email", prefix)
-    endpoint = text_field(body, "imsEndpoint", prefix)
-    ims_base = ims_base_from_endpoint(endpoint, field=f"{prefix}imsEndpoint")
-    metascopes = scope_list(
-        required(body, "metascopes", prefix), f"{prefix}metascopes", noun="metascope", forbid="/"
-    )
-    expires_at = _expiry_date(body.get("certificateExpirationDate"), prefix)
-    cert = None
-    if body.get("publicKey") is not None:
-        cert = _certificate(text_field(body, "publicKey", prefix), f"{prefix}publicKey")
-        if expires_at is None:
-            expires_at = cert.not_valid_after_utc.timestamp()
-    # The key last: validating an RSA key costs tens of milliseconds.
-    private_key = _private_key(
-        text_field(body, "privateKey", prefix, secret=True), f"{prefix}privateKey"
-    )
-    if cert is not None and not _same_public_key(cert, private_key):
-        fail(f"{prefix}publicKey", f"does not match {prefix}privateKey (mixed-up files?)")
-    return ServiceCredential(
-        client_id=client_id,
-        client_secret=Secret(client_secret.strip()),
-        org_id=org_id,
-        technical_account_id=account_id,
-        technical_account_email=email,
-        ims_base=ims_base,
-        metascopes=metascopes,
-        private_key=private_key,
-        certificate_expires_at=expires_at,
-    )
-
-
-# --- service fields -------------------------------------------------------------------------------
-
-
-def _expiry_date(value: object, prefix: str) -> float | None:
-    """certificateExpirationDate: ISO-8601, or a number of ms (of seconds if implausibly small)."""
-    field = f"{prefix}certificateExpirationDate"
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        fail(field, f"must be an ISO-8601 string or a number of ms, got {describe(value)}")
-    try:
-        if isinstance(value, str) and not re.fullmatch(r"\s*\d+(\.\d+)?\s*", value, re.ASCII):
-            when = datetime.fromisoformat(value.strip())
-            seconds = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-        else:
-            number = float(value)
-            seconds = number / 1000 if number >= _MS_THRESHOLD else number
-    except (ValueError, OverflowError):
-        fail(field, f"is not an ISO-8601 date or a number of ms, got {describe(value)}")
-    if not math.isfinite(seconds) or seconds <= 0:
-        fail(field, f"is not a plausible date, got {describe(value)}")
-    return seconds
-
-
-def _pem_bytes(pem: str) -> bytes:
-    # Accept \r\n files and keys whose newlines were escaped once too often ("\\n").
-    if "\n" not in pem and "\\n" in pem:
-        pem = pem.replace("\\n", "\n")
-    return pem.replace("\r\n", "\n").strip().encode("utf-8") + b"\n"
-
-
-def _private_key(pem: str, field: str) -> RSAPrivateKey:
-    what = describe(pem, secret=True)
-    if "-----BEGIN" not in pem:
-        fail(field, f"is not a PEM private key ({what} with no -----BEGIN line)")
-    if "PRIVATE KEY-----" not in pem and "BEGIN CERTIFICATE" in pem:
-        fail(field, "holds a certificate, not a private key (the publicKey pasted in its place?)")
-    if "-----BEGIN ENCRYPTED PRIVATE KEY" in pem or "Proc-Type: 4,ENCRYPTED" in pem:
-        fail(field, "is encrypted; use the unencrypted key from the AEM Developer Console")
-    try:
-        key = serialization.load_pem_private_key(_pem_bytes(pem), password=None)
-    # Any library failure means the same to the user, and its message is not shown: it could
-    # quote part of the key.
-    except Exception:
-        fail(field, f"could not be read as a PEM private key ({what})")
-    if not isinstance(key, RSAPrivateKey):
-        fail(field, f"must be an RSA key, got {type(key).__name__.removeprefix('_')}")
-    return key
-
-
-def _certificate(pem: str, field: str) -> x509.Certificate:
-    if "PRIVATE KEY" in pem:
-        fail(field, f"holds a private key, not a certificate ({describe(pem, secret=True)})")
-    try:
-        return x509.load_pem_x509_certificate(_pem_bytes(pem))
-    except Exception:
-        fail(field, f"is not a PEM X.509 certificate ({describe(pem, secret=True)})")
-
-
-def _same_public_key(cert: x509.Certificate, key: RSAPrivateKey) -> bool:
-    try:
-        cert_key = cert.public_key()
-    except Exception:  # a certificate for an algorithm the library cannot load
-        return False
-    return isinstance(cert_key, RSAPublicKey) and (
-        cert_key.public_numbers() == key.public_key().public_numbers()
-    )

@@ -1,4 +1,4 @@
-"""Local development tokens (IMS.md 1.3, 4): an access token that is its own credential.
+"""Local development tokens: an access token that is its own credential (docs/IMS.md).
 
 The AEM Developer Console hands out `{"accessToken": "..."}` (sometimes with `"ok": true,
 "statusCode": 200` around it); users also paste the bare token. The token is JWT-shaped; its

@@ -1,8 +1,8 @@
 """What every kind of credential shares: `Secret`, field readers, the digest and the IMS base rule.
 
 The readers raise one `CredentialError` line that names the field by its JSON path; for a secret
-field they give its type and length, never its value, not even partly. `credentials.py` and the
-per-kind modules build on these; users import everything from `aemagent.credentials`.
+field they give its type and length, never its value, not even partly. The kind detection
+(`aemagent.credentials`) and the per-kind modules build on these.
 """
 
 from __future__ import annotations

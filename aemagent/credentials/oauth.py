@@ -1,6 +1,6 @@
-"""OAuth server-to-server credentials (IMS.md 1.2): a client id, a secret and scopes.
+"""OAuth server-to-server credentials: a client id, a secret and scopes (docs/IMS.md).
 
-There is no one download format, so three spellings are read (IMS.md 1.2):
+There is no one download format, so three spellings are read:
 
     ours            {"client_id", "client_secret", "scopes": [...] or "a,b", "org_id"?,
                      "ims_endpoint"?}
@@ -52,7 +52,7 @@ OAUTH_KEYS = frozenset(_KEYS["client_id"] + _KEYS["client_secret"])
 
 @dataclass(frozen=True, repr=False, eq=False)
 class OAuthCredential:
-    """OAuth server-to-server credentials (IMS.md 1.2, 3): client_credentials at /ims/token/v3."""
+    """OAuth server-to-server credentials, exchanged by client_credentials at /ims/token/v3."""
 
     kind: ClassVar[str] = "oauth"
     refreshable: ClassVar[bool] = True  # IMS gives a new token whenever asked
