@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from aemagent import cli
+from aemagent.cli import agentctl, calls, credinput, parser, status
 from aemagent.wire import Reply
 
 NOW = 1_800_000_000
@@ -28,31 +29,33 @@ NOW = 1_800_000_000
     ],
 )
 def test_parse_duration(text, seconds):
-    assert cli.parse_duration(text) == seconds
+    assert parser.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "0", "h", "8x", "-1h", "1h-", "abc"])
 def test_parse_duration_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError):
-        cli.parse_duration(text)
+        parser.parse_duration(text)
 
 
 def test_sh_lines_evaluate_in_a_real_shell():
     path = "/tmp/odd dir/it's/agent.sock"
-    script = cli.shell_lines("sh", path, 4242) + 'printf "%s|%s" "$AEMAGENT_SOCK" "$AEMAGENT_PID"'
+    script = (
+        agentctl.shell_lines("sh", path, 4242) + 'printf "%s|%s" "$AEMAGENT_SOCK" "$AEMAGENT_PID"'
+    )
     done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout == f"{path}|4242"
 
 
 def test_csh_and_fish_lines():
-    assert cli.shell_lines("csh", "/run/user/1000/aemagent/agent.sock", 7) == (
+    assert agentctl.shell_lines("csh", "/run/user/1000/aemagent/agent.sock", 7) == (
         "setenv AEMAGENT_SOCK '/run/user/1000/aemagent/agent.sock';\nsetenv AEMAGENT_PID 7;\n"
     )
-    assert cli.shell_lines("fish", "/tmp/a'b/agent.sock", 7) == (
+    assert agentctl.shell_lines("fish", "/tmp/a'b/agent.sock", 7) == (
         "set -gx AEMAGENT_SOCK '/tmp/a\\'b/agent.sock';\nset -gx AEMAGENT_PID 7;\n"
     )
-    with pytest.raises(cli.CLIError):
-        cli.shell_lines("csh", "/tmp/a'b/agent.sock", 7)
+    with pytest.raises(calls.CLIError):
+        agentctl.shell_lines("csh", "/tmp/a'b/agent.sock", 7)
 
 
 def profile(**kw):
@@ -71,7 +74,7 @@ def profile(**kw):
 
 
 def test_status_table_says_expires_in_and_never_a_timestamp():
-    table = cli.format_table(
+    table = status.format_table(
         [
             profile(),
             profile(
@@ -104,7 +107,7 @@ def test_status_table_says_expires_in_and_never_a_timestamp():
 
 
 def test_status_warnings():
-    warnings = cli.warnings_for(
+    warnings = status.warnings_for(
         [
             profile(certificate_expires_at=NOW + 12 * 86400),
             profile(name="old", certificate_expires_at=NOW - 1),
@@ -125,12 +128,12 @@ def test_read_credential(tmp_path, capsys):
     good = tmp_path / "c.json"
     good.write_text('\ufeff{"ok": true}\n')
     good.chmod(0o644)
-    assert cli.read_credential(str(good)) == {"ok": True}
+    assert credinput.read_credential(str(good)) == {"ok": True}
     assert "readable by other users" in capsys.readouterr().err
     bare = tmp_path / "token.txt"
     bare.write_text("  eyJhbGciOi.x.y \n")
     bare.chmod(0o600)
-    assert cli.read_credential(str(bare)) == "eyJhbGciOi.x.y"
+    assert credinput.read_credential(str(bare)) == "eyJhbGciOi.x.y"
     assert capsys.readouterr().err == ""
 
 
@@ -147,24 +150,24 @@ def test_read_credential_rejects(tmp_path, content, message):
     path = tmp_path / "bad"
     path.write_bytes(content)
     path.chmod(0o600)
-    with pytest.raises(cli.CLIError, match=message) as info:
-        cli.read_credential(str(path))
-    assert info.value.code == cli.EXIT_USAGE
-    with pytest.raises(cli.CLIError, match="cannot read"):
-        cli.read_credential(str(tmp_path / "missing"))
+    with pytest.raises(calls.CLIError, match=message) as info:
+        credinput.read_credential(str(path))
+    assert info.value.code == calls.EXIT_USAGE
+    with pytest.raises(calls.CLIError, match="cannot read"):
+        credinput.read_credential(str(tmp_path / "missing"))
 
 
 @pytest.mark.parametrize(("status", "code"), [(400, 64), (404, 3), (409, 3), (503, 4), (500, 1)])
 def test_api_errors_map_to_exit_codes(status, code):
     reply = Reply(status, {}, json.dumps({"error": "x", "message": "what went wrong"}).encode())
-    with pytest.raises(cli.CLIError, match="what went wrong") as info:
-        cli._decode(reply)
+    with pytest.raises(calls.CLIError, match="what went wrong") as info:
+        calls.decode(reply)
     assert info.value.code == code
 
 
 def test_an_answer_we_do_not_understand_is_exit_1():
-    with pytest.raises(cli.CLIError, match="older version") as info:
-        cli._decode(Reply(502, {}, b"<html>"))
+    with pytest.raises(calls.CLIError, match="older version") as info:
+        calls.decode(Reply(502, {}, b"<html>"))
     assert info.value.code == 1
 
 
@@ -190,4 +193,4 @@ def test_usage_errors_exit_64(capsys):
     ],
 )
 def test_pasted_text_is_whole_when_json_parses_or_a_token_line_ends(pasted, whole):
-    assert cli._complete(pasted) is whole
+    assert credinput._complete(pasted) is whole
