@@ -6,14 +6,15 @@
     urllib.request.Request(url, headers=token.headers())
 
 Ask again for every request, or at least every few minutes, rather than keeping a token: the agent
-answers in about a millisecond, and a long-running program then never holds a stale token.
+answers from memory, quickly, and a long-running program then never holds a stale token.
 `aemagent.httpx_auth.AemAgentAuth` does that for httpx.
 
-Exceptions (one tree, one line each, mirroring aem-token's exit codes):
+Exceptions (part of aemagent.errors' tree, one line each, mirroring aem-token's exit codes):
 
-    AgentError          base; also an answer this client does not understand (exit 1)
+    AgentError          base (errors.AgentError itself); also an answer this client does not
+                        understand (exit 1)
       AgentNotRunning   no agent answers at the socket, or another user's process listens there:
-                        nothing is sent to it (exit 2)
+                        nothing is sent to it (exit 2; an errors.AgentUnreachable)
       NoSuchProfile     no such profile, no profile matches the URL, or several do (exit 3)
       TokenUnavailable  the profile has no usable token now; IMS's words in the message (exit 4)
       BadRequest        the agent refused the request, e.g. min_valid too long (exit 64)
@@ -25,7 +26,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from aemagent import paths, wire
+from aemagent import errors, exits, paths, wire
 
 __all__ = [
     "AgentError",
@@ -43,33 +44,41 @@ CONNECT_TIMEOUT = 1.0
 READ_TIMEOUT = 30.0
 
 
-class AgentError(Exception):
-    """Something went wrong asking the agent; `str()` is one line for a human."""
-
-    exit_code = 1
+AgentError = errors.AgentError
 
 
-class AgentNotRunning(AgentError):
-    exit_code = 2
+class AgentNotRunning(errors.AgentUnreachable):
+    """No agent answers at the socket, or another user's process listens there; the message says
+    what to do about it."""
+
+    @classmethod
+    def from_unreachable(cls, exc: errors.AgentUnreachable) -> "AgentNotRunning":
+        new = cls(exc.path, exc.reason, permission=exc.permission)
+        new.args = (f"{exc}; {exc.advice}",)
+        return new
 
 
 class NoSuchProfile(AgentError):
-    exit_code = 3
+    code = "not_found"
+    status = 404
+    exit_code = exits.NO_PROFILE
 
 
 class TokenUnavailable(AgentError):
-    exit_code = 4
+    code = "unavailable"
+    status = 503
+    exit_code = exits.NO_TOKEN
 
 
 class BadRequest(AgentError):
-    exit_code = 64
+    code = "bad_request"
+    status = 400
+    exit_code = exits.USAGE
 
 
-_BY_STATUS: dict[int, type[AgentError]] = {
-    400: BadRequest,
-    404: NoSuchProfile,
-    409: NoSuchProfile,
-    503: TokenUnavailable,
+# An error answer's class, by the exit code its HTTP status maps to.
+_BY_EXIT: dict[int, type[AgentError]] = {
+    cls.exit_code: cls for cls in (NoSuchProfile, TokenUnavailable, BadRequest)
 }
 
 
@@ -185,7 +194,7 @@ def _call(
             read_timeout=READ_TIMEOUT,
         )
     except wire.AgentUnreachable as exc:
-        raise AgentNotRunning(f"{exc}; {exc.advice}") from None
+        raise AgentNotRunning.from_unreachable(exc) from None
     except wire.WireError as exc:
         raise AgentError(str(exc)) from None
     try:
@@ -196,7 +205,7 @@ def _call(
         message = info.get("message") if isinstance(info, dict) else None
         if not (isinstance(message, str) and message.strip()):
             message = f"unexpected HTTP {reply.status} answer from the agent"
-        raise _BY_STATUS.get(reply.status, AgentError)(_one_line(message))
+        raise _BY_EXIT.get(exits.for_status(reply.status), AgentError)(_one_line(message))
     if not isinstance(info, dict):
         raise AgentError("the agent's answer is not a JSON object")
     return info

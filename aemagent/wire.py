@@ -1,17 +1,19 @@
 """A minimal HTTP/1.1 client over a Unix socket: one request per connection.
 
 aem-token imports this on its hot path, so it uses `_socket` rather than `socket` (which pulls in
-enum, selectors and collections: 8.7 ms); `errno` is built in, and `os`, `stat`, `sys` and `time`
-are loaded at interpreter start anyway. `json` is imported lazily, by `Reply.json()` only.
+enum, selectors and collections, a cost the helper's start-up cannot afford); `errno` is built in,
+and `os`, `stat`, `sys` and `time` are loaded at interpreter start anyway. `json` is imported
+lazily, by `Reply.json()` only.
 
-Exceptions:
+Exceptions (defined in aemagent.errors, re-exported here):
 
     AgentUnreachable   no agent answers at the path: missing file, stale socket (connection
                        refused), not a socket, permission denied, path too long, connect timeout
       UntrustedPeer    something listens at the path, but as another user: not our agent.
                        Nothing was sent (not even the request line: it may carry a secret).
     WireError          something answered, but not with a complete, well-formed HTTP answer in
-                       time: garbage, truncated, larger than MAX_ANSWER, or the read timed out
+                       time: garbage, truncated, chunked, larger than MAX_ANSWER, or the read
+                       timed out
 
 A caller that misuses the API (a header containing CR/LF, a non-ASCII target) gets ValueError.
 """
@@ -23,45 +25,26 @@ import stat
 import sys
 import time
 
+from aemagent.errors import AgentUnreachable, UntrustedPeer, WireError
+
+__all__ = [
+    "MAX_ANSWER",
+    "MAX_SOCKET_PATH",
+    "AgentUnreachable",
+    "Reply",
+    "UntrustedPeer",
+    "WireError",
+    "flat_json",
+    "quote",
+    "request",
+]
+
 # An answer (head and body) larger than this is refused: no agent answer comes near it.
 MAX_ANSWER = 4 * 1024 * 1024
 # sun_path is 108 bytes on Linux and 104 on macOS and the BSDs, the terminating NUL included:
 # the same limits the daemon binds with (unixsocket.MAX_SOCKET_PATH).
 MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
 _RECV_SIZE = 65536
-
-
-class AgentUnreachable(Exception):
-    """No agent answers at `path`; `reason` says why, in a few words."""
-
-    def __init__(self, path: str, reason: str, *, permission: bool = False) -> None:
-        super().__init__(f"no agent at {path} ({reason})")
-        self.path = path
-        self.reason = reason
-        # Permission denied: someone else's socket, so "start one" is not the fix.
-        self.permission = permission
-
-    @property
-    def advice(self) -> str:
-        """What to do about it, for the one line every client prints."""
-        if self.permission:
-            return "point $AEMAGENT_SOCK or --socket at your own agent"
-        return "start it with `aemagent start`"
-
-
-class UntrustedPeer(AgentUnreachable):
-    """The process listening at `path` runs as `peer_uid`, neither us nor root (or we cannot tell
-    who it is: `peer_uid` None). Whoever made the path first can listen there, e.g. another user
-    who created `/tmp/aemagent-<our uid>/` before we did; so we check before sending a byte."""
-
-    def __init__(self, path: str, message: str, peer_uid: int | None = None) -> None:
-        super().__init__(path, message, permission=True)
-        self.args = (message,)
-        self.peer_uid = peer_uid
-
-
-class WireError(Exception):
-    """The agent's answer was malformed, truncated, too large, or did not come in time."""
 
 
 class _ClosedUnanswered(WireError):
@@ -89,7 +72,7 @@ class Reply:
         flat = flat_json(self.body)
         if flat is not None:
             return flat
-        import json  # 7.5 ms: only for answers flat_json leaves to it
+        import json  # expensive to import: only for answers flat_json leaves to it
 
         try:
             return json.loads(self.body)
@@ -98,7 +81,7 @@ class Reply:
 
 
 def flat_json(data: bytes) -> dict[str, object] | None:
-    """Decode the common answer without `json` (which imports `re`, `enum`...: 7.5 ms).
+    """Decode the common answer without `json` (expensive to import: it pulls in `re`, `enum`).
 
     Handles one JSON object whose keys and values are strings without escapes (printable ASCII),
     integers, booleans or null: every token and error answer of the agent. For anything else it
@@ -413,7 +396,7 @@ def _read_reply(sock: _socket.socket, method: str, deadline: float) -> Reply:
     while (end := buf.find(b"\r\n\r\n")) < 0:
         if not _fill(sock, deadline, buf):
             if not buf:
-                raise _ClosedUnanswered
+                raise _ClosedUnanswered("the connection closed unanswered")
             raise WireError("the agent's answer ends inside its header")
     status, headers = _parse_head(bytes(buf[:end]))
     start = end + 4

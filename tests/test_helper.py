@@ -474,15 +474,18 @@ def test_closed_stdout_exits_1_with_one_line(agent):
     assert result.stderr == b"aem-token: cannot write to stdout: Bad file descriptor\n"
 
 
-# The import test (STYLE.md practice 8): what aem-token loads on top of a bare interpreter.
+# The import test: what aem-token loads on top of a bare interpreter. At most five aemagent
+# modules (the package itself counted) on success; on failure, the exit codes too.
 HOT_PATH_ALLOWED = {"aemagent", "aemagent.helper", "aemagent.paths", "aemagent.wire", "_socket"}
+HOT_PATH_ALLOWED |= {"aemagent.errors"}  # wire raises its exceptions
 HOT_PATH_ALLOWED |= {"errno"}  # built into the interpreter: no file to read
+FAILURE_ALLOWED = HOT_PATH_ALLOWED | {"aemagent.exits"}
 # Never, not even when an unusual answer makes the helper fall back to `json`.
 FORBIDDEN = {
     "trio", "httpx", "jwt", "cryptography", "platformdirs", "logging", "typing", "dataclasses",
     "pathlib", "importlib.metadata", "socket", "selectors", "h11", "__future__", "argparse",
 }  # fmt: skip
-# Not for answers of the documented shape: `json` alone costs 7.5 ms with `re` and `enum`.
+# Not for answers of the documented shape: `json` is expensive to import, with `re` and `enum`.
 FORBIDDEN_ON_HOT_PATH = FORBIDDEN | {
     "json", "shlex", "urllib.parse", "re", "enum", "collections", "warnings", "functools",
 }  # fmt: skip
@@ -514,8 +517,8 @@ def loaded_modules(tmp_path, *args, stdin=b""):
     return result, new
 
 
-def assert_light(new):
-    assert new <= HOT_PATH_ALLOWED, f"unexpected imports: {sorted(new - HOT_PATH_ALLOWED)}"
+def assert_light(new, allowed=HOT_PATH_ALLOWED):
+    assert new <= allowed, f"unexpected imports: {sorted(new - allowed)}"
     assert not new & FORBIDDEN_ON_HOT_PATH
 
 
@@ -554,13 +557,13 @@ def test_failures_are_as_light(agent, tmp_path, canned, code):
     agent.answer = canned
     result, new = loaded_modules(tmp_path, "--socket", agent.path)
     assert result.returncode == code
-    assert_light(new)
+    assert_light(new, FAILURE_ALLOWED)
 
 
 def test_no_agent_is_as_light(tmp_path, sock_path):
     result, new = loaded_modules(tmp_path, "--socket", sock_path)
     assert result.returncode == 2
-    assert_light(new)
+    assert_light(new, FAILURE_ALLOWED)
 
 
 def test_help_is_as_light(tmp_path):
@@ -605,3 +608,22 @@ def test_git_get_is_as_light(agent, tmp_path, host, stdout):
         stdout += "password_expiry_utc=1900000000\n"
     assert result.stdout.decode() == stdout
     assert_light(new)
+
+
+def test_every_error_class_exits_as_its_http_status_says():
+    """errors.py writes the exit codes as numbers (it is on the hot path); exits.py maps."""
+    import inspect
+
+    from aemagent import client, errors, exits
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass)]
+    classes += [client.NoSuchProfile, client.TokenUnavailable, client.BadRequest]
+    for cls in classes:
+        assert issubclass(cls, errors.AemAgentError), cls
+        if cls.status in exits.BY_STATUS:
+            assert cls.exit_code == exits.for_status(cls.status), cls
+    assert errors.AemAgentError.exit_code == exits.UNEXPECTED
+    assert errors.AgentUnreachable.exit_code == client.AgentNotRunning.exit_code == exits.NO_AGENT
+    assert errors.UsageError.exit_code == exits.USAGE
+    assert issubclass(client.AgentNotRunning, errors.AgentUnreachable)
+    assert client.AgentError is errors.AgentError

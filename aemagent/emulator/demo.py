@@ -19,11 +19,13 @@ import time
 import urllib.request
 from collections.abc import Iterator
 
+from aemagent.errors import AemAgentError
+
 _STEP_TIMEOUT = 40.0
 
 
-class DemoError(Exception):
-    pass
+class DemoError(AemAgentError):
+    """A step of the demo failed; `aemagent demo` exits 1."""
 
 
 def _aemagent(*args: str) -> list[str]:
