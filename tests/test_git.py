@@ -2,7 +2,8 @@
 
 Three layers: the protocol in-process against the fake agent; real `git credential` driving the
 installed helper against the fake agent; and real git against the real daemon and the IMS
-emulator (CONTRACT.md "git mode", "Token lifecycle": the forced-refresh rule).
+emulator (the forced refresh on `erase`: only while the rejected token is still current, and at
+most once a minute).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fakeagent import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aemagent import helper
+from aemagent import gitcred, helper
 
 GIT = shutil.which("git")
 needs_git = pytest.mark.skipif(GIT is None, reason="git is not installed")
@@ -92,7 +93,7 @@ def helper_run(capfd, tmp_path):
         argv = [*options] + (["--socket", sock] if sock else [])
         with stdin_from(stdin, tmp_path):
             if as_git:  # git-credential-aemagent [OPTIONS] ACTION
-                code = helper.git_main([*argv, action])
+                code = gitcred.git_main([*argv, action])
             else:  # aem-token ACTION [OPTIONS]
                 code = helper.main([action, *argv])
         out, err = capfd.readouterr()
@@ -250,7 +251,7 @@ def test_no_agent_is_one_line_for_aem_hosts_and_pinned_profiles(
 
 
 def test_oversized_input_is_refused(fake, helper_run):
-    stdin = b"protocol=https\nhost=" + b"a" * helper.MAX_GIT_INPUT + b"\n\n"
+    stdin = b"protocol=https\nhost=" + b"a" * gitcred.MAX_GIT_INPUT + b"\n\n"
     code, out, err = helper_run("get", stdin, sock=fake.path)
     assert (code, out) == (64, "")
     assert "longer than 64 KiB" in err
@@ -328,7 +329,7 @@ def test_erase_hashes_the_bytes_git_sent(fake, helper_run):
 @pytest.mark.parametrize("stdin", [attrs(protocol="https", host=AEM_HOST, password=TOKEN), b""])
 def test_store_is_a_no_op(fake, helper_run, stdin):
     assert helper_run("store", stdin, sock=fake.path) == (0, "", "")
-    huge = b"password=" + b"x" * (2 * helper.MAX_GIT_INPUT)
+    huge = b"password=" + b"x" * (2 * gitcred.MAX_GIT_INPUT)
     assert helper_run("store", huge, sock=fake.path) == (0, "", "")
     assert fake.requests == []
 
@@ -359,7 +360,7 @@ def test_unknown_actions_are_ignored_silently(fake, helper_run):
     ],
 )
 def test_git_main_usage_errors(capfd, argv, message):
-    assert helper.git_main(argv) == 64
+    assert gitcred.git_main(argv) == 64
     out, err = capfd.readouterr()
     assert out == ""
     assert err.startswith("git-credential-aemagent: ")
@@ -370,10 +371,10 @@ def test_git_main_usage_errors(capfd, argv, message):
 def test_git_main_help_and_version(capfd):
     from aemagent import __version__
 
-    assert helper.git_main(["--help"]) == 0
-    assert capfd.readouterr().out == helper.GIT_USAGE
-    assert all(len(line) <= 100 for line in helper.GIT_USAGE.splitlines())
-    assert helper.git_main(["--version"]) == 0
+    assert gitcred.git_main(["--help"]) == 0
+    assert capfd.readouterr().out == gitcred.GIT_USAGE
+    assert all(len(line) <= 100 for line in gitcred.GIT_USAGE.splitlines())
+    assert gitcred.git_main(["--version"]) == 0
     assert capfd.readouterr().out == f"git-credential-aemagent {__version__}\n"
 
 
@@ -393,9 +394,9 @@ def test_aem_token_takes_the_action_anywhere(fake, helper_run, capfd, tmp_path):
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=300))
 def test_any_input_parses_or_is_ignored(data):
-    parsed = helper.parse_git_attributes(data)
+    parsed = gitcred.parse_git_attributes(data)
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.items())
-    host = helper._https_host(parsed)
+    host = gitcred._https_host(parsed)
     if host is not None:
         assert not set(host) & set("/\\@#?% \t\r\n")
 
@@ -409,7 +410,7 @@ def test_a_host_we_accept_is_the_host_the_agent_sees(host, path):
     """The URL we send cannot make the agent match a host other than the one git connects to."""
     from urllib.parse import urlsplit
 
-    if helper._https_host({"protocol": "https", "host": host}) is None:
+    if gitcred._https_host({"protocol": "https", "host": host}) is None:
         return
     try:
         seen = urlsplit(f"https://{host}/{path}").hostname
