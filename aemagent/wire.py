@@ -405,12 +405,9 @@ def _read_reply(sock: _socket.socket, method: str, deadline: float) -> Reply:
     encoding = headers.get("transfer-encoding")
     length = headers.get("content-length")
     if encoding is not None:
-        if encoding.lower() != "chunked":
-            raise WireError(f"unsupported transfer-encoding: {encoding[:40]!r}")
-        while (body := _dechunk(buf, start)) is None:
-            if not _fill(sock, deadline, buf):
-                raise WireError("the agent's answer is truncated: chunked body incomplete")
-        return Reply(status, headers, body)
+        # The agent always sends Content-Length (daemon/httpserver.py writes its own answers):
+        # a chunked answer, or any other transfer-coding, comes from something else.
+        raise WireError(f"unsupported transfer-encoding: {encoding[:40]!r}")
     if length is not None:
         if not (length.isascii() and length.isdigit()):
             raise WireError(f"bad content-length: {length[:40]!r}")
@@ -463,27 +460,3 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
         value = value.strip(" \t")
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
     return int(parts[1]), headers
-
-
-def _dechunk(buf: bytearray, pos: int) -> bytes | None:
-    """The decoded chunked body starting at `pos`, None if incomplete; WireError if malformed."""
-    if not buf.endswith(b"\r\n"):  # a complete chunked body always ends with CRLF
-        return None
-    out = bytearray()
-    while (eol := buf.find(b"\r\n", pos)) >= 0:
-        size_field = bytes(buf[pos:eol]).split(b";", 1)[0].strip(b" \t")
-        if not size_field or size_field.strip(b"0123456789abcdefABCDEF"):
-            raise WireError(f"malformed chunk size in the agent's answer: {size_field[:20]!r}")
-        size = int(size_field, 16)
-        pos = eol + 2
-        if size == 0:  # the last chunk; then trailer lines up to an empty one
-            while (eol := buf.find(b"\r\n", pos)) > pos:
-                pos = eol + 2
-            return bytes(out) if eol == pos else None
-        if len(buf) < pos + size + 2:
-            return None
-        if buf[pos + size : pos + size + 2] != b"\r\n":
-            raise WireError("malformed chunk in the agent's answer")
-        out += buf[pos : pos + size]
-        pos += size + 2
-    return None
