@@ -8,8 +8,9 @@ import subprocess
 
 import pytest
 
-from aemagent import cli
+from aemagent import cli, exits
 from aemagent.cli import agentctl, calls, credinput, parser, status
+from aemagent.errors import CommandError
 from aemagent.wire import Reply
 
 NOW = 1_800_000_000
@@ -54,7 +55,7 @@ def test_csh_and_fish_lines():
     assert agentctl.shell_lines("fish", "/tmp/a'b/agent.sock", 7) == (
         "set -gx AEMAGENT_SOCK '/tmp/a\\'b/agent.sock';\nset -gx AEMAGENT_PID 7;\n"
     )
-    with pytest.raises(calls.CLIError):
+    with pytest.raises(CommandError):
         agentctl.shell_lines("csh", "/tmp/a'b/agent.sock", 7)
 
 
@@ -150,25 +151,25 @@ def test_read_credential_rejects(tmp_path, content, message):
     path = tmp_path / "bad"
     path.write_bytes(content)
     path.chmod(0o600)
-    with pytest.raises(calls.CLIError, match=message) as info:
+    with pytest.raises(CommandError, match=message) as info:
         credinput.read_credential(str(path))
-    assert info.value.code == calls.EXIT_USAGE
-    with pytest.raises(calls.CLIError, match="cannot read"):
+    assert info.value.exit_code == exits.USAGE
+    with pytest.raises(CommandError, match="cannot read"):
         credinput.read_credential(str(tmp_path / "missing"))
 
 
 @pytest.mark.parametrize(("status", "code"), [(400, 64), (404, 3), (409, 3), (503, 4), (500, 1)])
 def test_api_errors_map_to_exit_codes(status, code):
     reply = Reply(status, {}, json.dumps({"error": "x", "message": "what went wrong"}).encode())
-    with pytest.raises(calls.CLIError, match="what went wrong") as info:
+    with pytest.raises(CommandError, match="what went wrong") as info:
         calls.decode(reply)
-    assert info.value.code == code
+    assert info.value.exit_code == code
 
 
 def test_an_answer_we_do_not_understand_is_exit_1():
-    with pytest.raises(calls.CLIError, match="older version") as info:
+    with pytest.raises(CommandError, match="older version") as info:
         calls.decode(Reply(502, {}, b"<html>"))
-    assert info.value.code == 1
+    assert info.value.exit_code == 1
 
 
 def test_usage_errors_exit_64(capsys):

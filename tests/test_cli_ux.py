@@ -21,7 +21,7 @@ import fakeagent
 import procs
 import pytest
 
-from aemagent.cli import calls
+from aemagent import exits
 
 pytestmark = pytest.mark.integration
 
@@ -154,7 +154,7 @@ def test_add_at_a_terminal_takes_a_bare_token_line_and_ctrl_d(agent, ims):
         term.type(b"\x04")  # Ctrl-D at once: nothing pasted
         code, out = term.finish()
         assert term.echo_is_on()
-    assert code == calls.EXIT_USAGE
+    assert code == exits.USAGE
     assert out == ""
     assert b"the pasted text is empty" in term.screen
 
@@ -245,7 +245,7 @@ def test_reload_refused_by_the_agent_is_a_usage_error():
     routes = {"/v1/reload": fakeagent.error(400, "bad_request", message)}
     with fake_agent(routes) as fake:
         done = procs.run(procs.aemagent("reload"), procs.base_env(fake.path))
-    assert (done.returncode, done.stdout) == (calls.EXIT_USAGE, "")
+    assert (done.returncode, done.stdout) == (exits.USAGE, "")
     assert done.stderr == f"aemagent: {message}\n"
 
 
@@ -273,14 +273,14 @@ def test_reload_of_a_broken_config_says_so(tmp_path):
 
         config.write_text("[profiles.one\n")  # not TOML
         done = agent.cli("reload")
-        assert (done.returncode, done.stdout) == (calls.EXIT_USAGE, ""), done.stderr
+        assert (done.returncode, done.stdout) == (exits.USAGE, ""), done.stderr
         assert "is not valid TOML" in done.stderr
         assert done.stderr.count("\n") == 1
 
         config.write_text("")
         config.chmod(0o666)
         done = agent.cli("reload")
-        assert done.returncode == calls.EXIT_USAGE, done.stdout
+        assert done.returncode == exits.USAGE, done.stdout
         assert "is writable by others" in done.stderr
 
 
@@ -312,7 +312,7 @@ def test_a_bad_config_file_is_one_usage_error_from_start_and_from_serve(base):
     env = _env(base)
     for command in ("start", "serve"):
         done = procs.run(procs.aemagent(command, "--socket", sock, "--config", str(bad)), env)
-        assert (done.returncode, done.stdout) == (calls.EXIT_USAGE, ""), (command, done.stderr)
+        assert (done.returncode, done.stdout) == (exits.USAGE, ""), (command, done.stderr)
         assert done.stderr.startswith(f"aemagent: config file {bad} is not valid TOML: "), command
         assert done.stderr.count("aemagent:") == 1, done.stderr
         assert done.stderr.count("\n") == 1, done.stderr
@@ -350,14 +350,14 @@ def test_a_profile_name_from_the_environment_says_so_and_suggests(agent, ims):
     assert done.returncode == 0, done.stderr
     env = {**agent.env, "AEMAGENT_PROFILE": "stag"}
     done = procs.run(procs.aem_token(), env)
-    assert (done.returncode, done.stdout) == (calls.EXIT_NO_PROFILE, "")
+    assert (done.returncode, done.stdout) == (exits.NO_PROFILE, "")
     assert done.stderr == (
         "aem-token: no profile named stag (from $AEMAGENT_PROFILE); profiles: stage;"
         " did you mean stage?\n"
     )
     # Named on the command line: no word about the environment.
     done = procs.run(procs.aem_token("--profile", "stag"), env)
-    assert done.returncode == calls.EXIT_NO_PROFILE
+    assert done.returncode == exits.NO_PROFILE
     assert "AEMAGENT_PROFILE" not in done.stderr
     assert done.stderr.startswith("aem-token: no profile named stag; profiles: stage")
     # Far from every name: no suggestion.
@@ -373,7 +373,7 @@ def test_a_truncated_json_credential_is_one_clear_line(agent, tmp_path):
     truncated.write_text('{\n  "client_id": "x",\n  "client_secret": "unterminated\n')
     truncated.chmod(0o644)  # readable by others too: still one line
     done = agent.cli("add", str(truncated))
-    assert (done.returncode, done.stdout) == (calls.EXIT_USAGE, ""), done.stderr
+    assert (done.returncode, done.stdout) == (exits.USAGE, ""), done.stderr
     assert done.stderr == (
         f"aemagent: {truncated} is not valid JSON: Unterminated string starting at line 3"
         " column 20\n"
@@ -390,7 +390,7 @@ def test_a_file_that_is_not_a_credential_is_named(agent, tmp_path):
     passwd.write_text("root:x:0:0:root:/root:/bin/bash\n")
     passwd.chmod(0o644)
     done = agent.cli("add", str(passwd))
-    assert (done.returncode, done.stdout) == (calls.EXIT_USAGE, "")
+    assert (done.returncode, done.stdout) == (exits.USAGE, "")
     assert done.stderr.startswith(f"aemagent: cannot add {passwd}: credential is neither JSON")
     assert done.stderr.count("\n") == 1  # the readable-by-others warning is not a second line
 
@@ -421,7 +421,7 @@ def test_status_with_no_profiles_exits_0(agent):
     done = agent.cli("status")
     assert (done.returncode, done.stderr) == (0, "")
     assert done.stdout == "no profiles loaded; add one with `aemagent add FILE`\n"
-    assert agent.token().returncode == calls.EXIT_NO_PROFILE
+    assert agent.token().returncode == exits.NO_PROFILE
 
 
 # ---- 8. aem-token's help names every JSON field it prints

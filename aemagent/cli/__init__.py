@@ -2,7 +2,9 @@
 
 Management commands talk to the daemon over its socket with the same stdlib client as
 `aem-token` (aemagent.wire); only `serve`, `emulator` and `demo` import trio. Exit codes are
-`aem-token`'s: 0 ok, 1 unexpected, 2 no agent, 3 no such profile, 4 no usable token, 64 usage.
+`aem-token`'s (aemagent.exits): 0 ok, 1 unexpected, 2 no agent, 3 no such profile, 4 no usable
+token, 64 usage. A command fails by raising an aemagent.errors error; main() prints it as one
+line and exits with its `exit_code`.
 
 The package: `parser` (the arguments, one function per subcommand), `calls` (one API call and its
 errors), `agentctl` (start, serve, stop, reload, service, emulator, demo), `profiles` (add,
@@ -16,7 +18,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-from aemagent.cli.calls import EXIT_OK, CLIError
+from aemagent import exits
+from aemagent.errors import AemAgentError, AgentUnreachable
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,14 +32,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if not argv:  # a new user's first try: the help, as `aemagent --help` gives it
         build_parser().print_help()
-        return EXIT_OK
+        return exits.OK
     args = build_parser().parse_args(argv)
     module, name = args.command_func.split(":")
     try:
         command = getattr(importlib.import_module(f"aemagent.cli.{module}"), name)
         return int(command(args))
-    except CLIError as exc:
+    except AgentUnreachable as exc:
+        print(f"aemagent: {exc}; {exc.advice}", file=sys.stderr)
+        return exc.exit_code
+    except AemAgentError as exc:
         print(f"aemagent: {exc}", file=sys.stderr)
-        return exc.code
+        return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return exits.INTERRUPTED

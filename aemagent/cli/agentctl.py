@@ -12,9 +12,10 @@ import shlex
 import sys
 from typing import Any
 
-from aemagent.cli.calls import EXIT_NO_AGENT, EXIT_OK, EXIT_USAGE, CLIError, call, decode, send
-from aemagent.cli.launch import LaunchError, agent_pid, spawn_daemon, wait_until_gone
-from aemagent.errors import AemAgentError
+from aemagent import exits
+from aemagent.cli.calls import call, decode, send
+from aemagent.cli.launch import agent_pid, spawn_daemon, wait_until_gone
+from aemagent.errors import AemAgentError, CommandError
 from aemagent.paths import socket_path
 
 # How long `start` waits for a new daemon's socket to serve, and `stop` for the old one to go.
@@ -30,14 +31,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     running = pid is not None
     if pid is None:
         _check_config(args.config)  # here, as `serve` would say it, not via the daemon's log
-        try:
-            launched = spawn_daemon(
-                path, log_level=args.log_level, config=args.config, timeout=_START_TIMEOUT
-            )
-        except LaunchError as exc:
-            raise CLIError(str(exc), exc.code) from None
-        except AemAgentError as exc:
-            raise CLIError(str(exc)) from None
+        launched = spawn_daemon(
+            path, log_level=args.log_level, config=args.config, timeout=_START_TIMEOUT
+        )
         pid = launched.pid
         running = not launched.spawned
         if launched.spawned:
@@ -60,7 +56,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     sys.stdout.write(shell_lines(args.syntax, path, pid))
-    return EXIT_OK
+    return exits.OK
 
 
 def shell_lines(syntax: str, path: str, pid: int) -> str:
@@ -76,7 +72,7 @@ def shell_lines(syntax: str, path: str, pid: int) -> str:
 
 def _csh_quote(text: str) -> str:
     if "'" in text or "!" in text or "\n" in text:
-        raise CLIError("the socket path contains characters csh cannot quote", EXIT_USAGE)
+        raise CommandError("the socket path contains characters csh cannot quote", exits.USAGE)
     return f"'{text}'"
 
 
@@ -91,7 +87,7 @@ def _check_config(path: str | None) -> Any:
     try:
         return load_config(path, required=path is not None)
     except AemAgentError as exc:
-        raise CLIError(str(exc), EXIT_USAGE) from None
+        raise CommandError(str(exc), exits.USAGE) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -109,9 +105,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     answer = call(args, "POST", "/v1/shutdown")
     pid = answer.get("pid") if isinstance(answer, dict) else None
     if not wait_until_gone(path, _STOP_TIMEOUT):
-        raise CLIError(f"the agent (pid {pid}) did not stop within {_STOP_TIMEOUT:g} s")
+        raise CommandError(f"the agent (pid {pid}) did not stop within {_STOP_TIMEOUT:g} s")
     print(f"stopped the agent (pid {pid})")
-    return EXIT_OK
+    return exits.OK
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -122,9 +118,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
         return _reload_by_signal(path)
     answer = decode(reply)
     if not isinstance(answer, dict) or not isinstance(answer.get("profiles"), list):
-        raise CLIError("the agent's answer to the reload is not understood")
+        raise CommandError("the agent's answer to the reload is not understood")
     print(reload_summary(answer, agent_pid(path)))
-    return EXIT_OK
+    return exits.OK
 
 
 def reload_summary(answer: dict[str, Any], pid: int | None = None) -> str:
@@ -146,13 +142,15 @@ def _reload_by_signal(path: str) -> int:
 
     pid = agent_pid(path)
     if pid is None:
-        raise CLIError(f"no agent answers on {path}; start it with `aemagent start`", EXIT_NO_AGENT)
+        raise CommandError(
+            f"no agent answers on {path}; start it with `aemagent start`", exits.NO_AGENT
+        )
     os.kill(pid, signal.SIGHUP)
     print(
         f"asked the agent (pid {pid}) to reload its config file; it is an older version that"
         " does not say how that went: see `aemagent status`"
     )
-    return EXIT_OK
+    return exits.OK
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -160,12 +158,9 @@ def cmd_service(args: argparse.Namespace) -> int:
 
     plan = service.plan_for(args.manager or service.default_manager())
     act = service.install if args.action == "install" else service.uninstall
-    try:
-        lines = act(plan, force=args.force)
-    except AemAgentError as exc:
-        raise CLIError(str(exc)) from None
+    lines = act(plan, force=args.force)  # its errors are exit 1
     print("\n".join(lines))
-    return EXIT_OK
+    return exits.OK
 
 
 def run_emulator(argv: list[str]) -> int:

@@ -10,7 +10,8 @@ import os
 import sys
 from typing import Any
 
-from aemagent.cli.calls import EXIT_USAGE, CLIError
+from aemagent import exits
+from aemagent.errors import CommandError
 
 # A credential file is a few KiB; anything this big is a mistake (and the daemon refuses it).
 _MAX_CREDENTIAL_BYTES = 1024 * 1024
@@ -34,7 +35,7 @@ def read_credential(source: str, notes: list[str] | None = None) -> Any:
                 data = f.read(_MAX_CREDENTIAL_BYTES + 1)
                 mode = os.fstat(f.fileno()).st_mode
         except OSError as exc:
-            raise CLIError(f"cannot read {source}: {exc.strerror}", EXIT_USAGE) from None
+            raise CommandError(f"cannot read {source}: {exc.strerror}", exits.USAGE) from None
         if mode & 0o077:
             note = (
                 f"warning: {source} is readable by other users (mode {mode & 0o777:o});"
@@ -46,24 +47,24 @@ def read_credential(source: str, notes: list[str] | None = None) -> Any:
                 notes.append(note)
         label = source
     if len(data) > _MAX_CREDENTIAL_BYTES:
-        raise CLIError(
-            f"{label} is larger than {_MAX_CREDENTIAL_BYTES} bytes: not a credential", EXIT_USAGE
+        raise CommandError(
+            f"{label} is larger than {_MAX_CREDENTIAL_BYTES} bytes: not a credential", exits.USAGE
         )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise CLIError(f"{label} is not UTF-8 text: not a credential", EXIT_USAGE) from None
+        raise CommandError(f"{label} is not UTF-8 text: not a credential", exits.USAGE) from None
     stripped = text.strip()
     if not stripped:
-        raise CLIError(f"{label} is empty", EXIT_USAGE)
+        raise CommandError(f"{label} is empty", exits.USAGE)
     if stripped.startswith(("{", "[")):
         try:
             return json.loads(stripped)
         except json.JSONDecodeError as exc:
-            raise CLIError(
+            raise CommandError(
                 f"{label} is not valid JSON: {exc.msg.removesuffix(' at')} at line"
                 f" {exc.lineno} column {exc.colno}",
-                EXIT_USAGE,
+                exits.USAGE,
             ) from None
     return stripped
 

@@ -15,19 +15,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-from aemagent.wire import AgentUnreachable, WireError, request
+from aemagent import exits
+from aemagent.errors import AgentUnreachable, LaunchError, WireError
+from aemagent.wire import request
 
 _POLL = 0.02
 # A log bigger than this is moved aside to `agent.log.1` when a new daemon starts.
 _MAX_LOG_BYTES = 5 * 1024 * 1024
-
-
-class LaunchError(Exception):
-    """Starting the daemon failed; `code` is the exit status `aemagent start` should give."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -151,7 +145,8 @@ def spawn_daemon(
                     said = _last_line(log_path).removeprefix("aemagent: ")
                     raise LaunchError(
                         f"the agent exited with code {code}: {said} (log: {log_path})",
-                        code=64 if code == 64 else 1,  # a usage error stays one
+                        # a usage error stays one
+                        exits.USAGE if code == exits.USAGE else exits.UNEXPECTED,
                     )
                 # Exit 0 before serving: a live daemon holds the lock. Usually another `start`
                 # won the race and its agent answers soon; but it may be one whose socket file

@@ -9,15 +9,14 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, NoReturn
 
-from aemagent import __version__
-from aemagent.cli.calls import EXIT_USAGE
+from aemagent import __version__, exits
 
 
 class Parser(argparse.ArgumentParser):
     """A usage error is one line on stderr and exit 64."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"aemagent: {message} (see `aemagent --help`)\n")
+        self.exit(exits.USAGE, f"aemagent: {message} (see `aemagent --help`)\n")
 
 
 if TYPE_CHECKING:

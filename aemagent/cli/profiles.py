@@ -9,10 +9,11 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from aemagent.cli.calls import EXIT_NO_AGENT, EXIT_NO_TOKEN, EXIT_OK, EXIT_USAGE, CLIError, call
+from aemagent import exits
+from aemagent.cli.calls import call
 from aemagent.cli.credinput import read_credential
 from aemagent.cli.status import human_duration
-from aemagent.errors import AemAgentError
+from aemagent.errors import AemAgentError, CommandError
 from aemagent.wire import quote
 
 # Requests that may wait for IMS (the daemon answers within ~20 s) get this read timeout.
@@ -23,9 +24,9 @@ _WAITING_NOTE_AFTER = 1.0
 
 def cmd_add(args: argparse.Namespace) -> int:
     if args.save and args.file == "-":
-        raise CLIError(
+        raise CommandError(
             "--save records a FILE's path; for stdin, write a `command` profile in the config file",
-            EXIT_USAGE,
+            exits.USAGE,
         )
     notes: list[str] = []
     credential = read_credential(args.file, notes)
@@ -40,10 +41,12 @@ def cmd_add(args: argparse.Namespace) -> int:
         body["lifetime"] = args.lifetime
     try:
         profile = call(args, "POST", "/v1/profiles", body)
-    except CLIError as exc:
-        if exc.code != EXIT_USAGE:
+    except CommandError as exc:
+        if exc.exit_code != exits.USAGE:
             raise
-        raise CLIError(f"cannot add {_what_was_read(args.file)}: {exc}", exc.code) from None
+        raise CommandError(
+            f"cannot add {_what_was_read(args.file)}: {exc}", exc.exit_code
+        ) from None
     name = profile["name"]
     what = f"{profile['kind']} credential, client id {profile.get('client_id')}"
     try:
@@ -51,18 +54,18 @@ def cmd_add(args: argparse.Namespace) -> int:
             token = call(
                 args, "GET", f"/v1/token?profile={quote(name)}", read_timeout=_IMS_READ_TIMEOUT
             )
-    except CLIError as exc:
-        if exc.code != EXIT_NO_TOKEN:
+    except CommandError as exc:
+        if exc.exit_code != exits.NO_TOKEN:
             raise
-        raise CLIError(
-            f"added profile {name} ({what}), but it has no token: {exc}", exc.code
+        raise CommandError(
+            f"added profile {name} ({what}), but it has no token: {exc}", exc.exit_code
         ) from None
     print(f"added profile {name} ({what}); token valid for {human_duration(token['expires_in'])}")
     for note in notes:  # only now: on failure, stderr has one line, the error
         print(f"aemagent: {note}", file=sys.stderr)
     if args.save:
         save_to_config(args, name)
-    return EXIT_OK
+    return exits.OK
 
 
 @contextlib.contextmanager
@@ -99,7 +102,7 @@ def save_to_config(args: argparse.Namespace, name: str) -> None:
     try:
         save_profile(path, source)
     except AemAgentError as exc:
-        raise CLIError(f"added, but not saved: {exc}") from None
+        raise CommandError(f"added, but not saved: {exc}") from None
     print(f"saved profile {name} in {path} (the file's path, not its content)")
 
 
@@ -111,7 +114,7 @@ def _what_was_read(source: str) -> str:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     if args.all == bool(args.names):
-        raise CLIError("name the profiles to forget, or say --all (not both)", EXIT_USAGE)
+        raise CommandError("name the profiles to forget, or say --all (not both)", exits.USAGE)
     query = "?revoke=1" if args.revoke else ""
     timeout = _IMS_READ_TIMEOUT if args.revoke else 10.0
     if args.all:
@@ -120,8 +123,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         print(f"forgot {len(names)} profile(s)" + (f": {', '.join(names)}" if names else ""))
         for name, said in answer.get("revoked", {}).items():
             print(f"  {name}: {said}")
-        return EXIT_OK
-    code = EXIT_OK
+        return exits.OK
+    code = exits.OK
     for name in args.names:
         try:
             answer = call(
@@ -129,11 +132,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
             )
             said = answer.get("revoked", {}).get(name)
             print(f"forgot {name}" + (f"; {said}" if said else ""))
-        except CLIError as exc:
-            if exc.code == EXIT_NO_AGENT:
-                raise
+        except CommandError as exc:  # no agent at all (AgentUnreachable) stops at once
             print(f"aemagent: {exc}", file=sys.stderr)
-            code = exc.code
+            code = exc.exit_code
     return code
 
 
@@ -144,4 +145,4 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     print(
         f"refreshed {profile['name']}; token valid for {human_duration(profile['expires_in'] or 0)}"
     )
-    return EXIT_OK
+    return exits.OK

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from aemagent.errors import AemAgentError
+from aemagent.errors import CommandError
 
 SOCKET_UNIT = "aemagent.socket"
 SERVICE_UNIT = "aemagent.service"
@@ -302,7 +302,7 @@ def _current(path: str) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise AemAgentError(f"cannot read {path}: {exc.strerror}") from None
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _write(path: str, content: bytes) -> None:
@@ -322,7 +322,7 @@ def _write(path: str, content: bytes) -> None:
             os.unlink(temporary)
             raise
     except OSError as exc:
-        raise AemAgentError(f"cannot write {path}: {exc.strerror}") from None
+        raise CommandError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def _changed(plan: Plan, *, force: bool, doing: str) -> None:
@@ -334,7 +334,7 @@ def _changed(plan: Plan, *, force: bool, doing: str) -> None:
             if plan.manager == "systemd"
             else ""
         )
-        raise AemAgentError(
+        raise CommandError(
             f"{names} differ{'s' if len(differ) == 1 else ''} from what this aemagent would"
             f" write (edited by hand, or from another installation); not {doing} without"
             f" --force{hint}"
@@ -369,7 +369,7 @@ def _remove(path: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as exc:
-        raise AemAgentError(f"cannot remove {path}: {exc.strerror}") from None
+        raise CommandError(f"cannot remove {path}: {exc.strerror}") from None
     return True
 
 
@@ -408,7 +408,7 @@ def uninstall(plan: Plan, *, force: bool = False) -> list[str]:
     if plan.manager == "systemd":
         links = _enabled_links(os.path.dirname(plan.files[0].path))
         if links and not force:
-            raise AemAgentError(
+            raise CommandError(
                 f"the units are enabled ({', '.join(links)}); first run"
                 f" `{plan.disable[0]}`, or pass --force"
             )

@@ -7,7 +7,8 @@ import json
 import time
 from typing import Any
 
-from aemagent.cli.calls import EXIT_OK, call
+from aemagent import exits
+from aemagent.cli.calls import call
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -15,14 +16,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     profiles = answer.get("profiles", [])
     if args.json:
         print(json.dumps(answer, indent=2))
-        return EXIT_OK
+        return exits.OK
     if not profiles:
         print("no profiles loaded; add one with `aemagent add FILE`")
-        return EXIT_OK
+        return exits.OK
     print(format_table(profiles, time.time()))
     for line in warnings_for(profiles, time.time()):
         print(line)
-    return EXIT_OK
+    return exits.OK
 
 
 def format_table(profiles: list[dict[str, Any]], now: float) -> str:
