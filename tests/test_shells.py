@@ -178,8 +178,8 @@ def test_the_readme_snippet_starts_the_agent_once_per_login(base: Path, name: st
     `kill -0` and run no Python; once the agent is gone, the next shell starts a new one.
 
     Broken: testing only that the socket file exists misses an agent killed with -9 (a stale
-    socket); running `aemagent start` unconditionally costs ~50 ms per shell (the wrapper
-    counts every call)."""
+    socket); running `aemagent start` unconditionally starts Python in every shell (the
+    wrapper counts every call)."""
     shell = _shell(name)
     assert shell.snippet in README.read_text(), "the README must show exactly these lines"
     rc = base / "rc"
