@@ -136,9 +136,9 @@ def test_dropped_connections_and_malformed_answers_are_retried(
     """Two bad answers, then a good one: the token is served, the log says why it retried, and
     no traceback (the daemon's catch-all for bugs) was involved.
 
-    Broken: without ims.py's `except httpx.HTTPError` the drop reaches the agent's catch-all
-    (a traceback in the log); `_grant` raising IMSPermanentError for an unusable 200 stops the
-    retries (`add` exits 4)."""
+    Broken: without ims/client.py's `except httpx.HTTPError` the drop reaches the agent's
+    catch-all (a traceback in the log); `grant_from_response` raising IMSPermanentError for an
+    unusable 200 stops the retries (`add` exits 4)."""
     ims.fault(endpoint="jwt", count=2, **fault)
     with fast_agent(tmp_path) as agent:
         added = agent.cli("add", ims.credentials["service"])

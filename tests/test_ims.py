@@ -27,6 +27,7 @@ from keys import (
 
 from aemagent import __version__
 from aemagent.core.clocks import FakeClock, Now
+from aemagent.core.source import Grant
 from aemagent.credentials import (
     Credential,
     DevToken,
@@ -45,20 +46,14 @@ from aemagent.errors import (
     IMSTransientError,
     UsageError,
 )
-from aemagent.ims.client import (
-    Grant,
-    IMSClient,
-    build_jwt_claims,
-    parse_retry_after,
-    token_lifetime,
-)
+from aemagent.ims import IMSClient, build_jwt_claims, parse_retry_after, token_lifetime
 
 IMS_NOW = 1_800_000_000.0  # FakeClock's default wall time
 BASE = "https://ims-na1.adobelogin.com"
 Answer = httpx.Response | Callable[[httpx.Request], httpx.Response]
 
 
-@functools.cache  # parsing validates the RSA key, which takes tens of milliseconds
+@functools.cache  # parsing validates the RSA key, which is slow
 def credential(**kwargs: Any) -> ServiceCredential:
     return parse_credential(integration(**kwargs))
 

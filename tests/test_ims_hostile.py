@@ -31,7 +31,7 @@ from aemagent.core.clocks import FakeClock
 from aemagent.emulator.faults import Fault
 from aemagent.emulator.tokens import Refusal
 from aemagent.errors import ClockSkewError, IMSPermanentError, IMSTransientError
-from aemagent.ims.client import LIFETIME_CAP, error_from_response
+from aemagent.ims import LIFETIME_CAP, error_from_response
 
 DAY = 86400.0
 NAME = "p12345-e67890"  # the name derived from the emulator's service credential
@@ -54,8 +54,8 @@ def opaque(expires_in: object) -> httpx.Response:
     ],
 )
 async def test_a_lifetime_too_short_to_use_is_a_transient_ims_error(kind, expires_in, shown):
-    """Broken: without the minimum in `_grant`, the grant is returned, and the agent refreshes
-    it at once, again and again (~400 IMS requests a second)."""
+    """Broken: without the minimum in `grant_from_response`, the grant is returned, and the agent
+    refreshes it at once, again and again (~400 IMS requests a second)."""
     ims = FakeIMS()
     ims.answers.append(opaque(expires_in))
     async with ims.client() as client:
@@ -366,8 +366,8 @@ def test_a_tiny_expires_in_is_retried_with_backoff_not_hundreds_of_times(
     """Every exchange answers a token living 0.001 ms. Over a 3 s window the daemon makes a
     handful of IMS requests (backoff from 1 s), not hundreds, and says why in one line.
 
-    Broken: without the minimum lifetime in `_grant`, each token is due at once: about 400
-    exchanges a second, a log line each."""
+    Broken: without the minimum lifetime in `grant_from_response`, each token is due at once:
+    about 400 exchanges a second, a log line each."""
     body = json.dumps({"access_token": "opaque-token", "expires_in": 0.001})
     ims.fault(endpoint="jwt", count=1000, status=200, body=body)
     with configured_agent(tmp_path, request_wait=2.0) as agent:
