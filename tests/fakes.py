@@ -1,4 +1,4 @@
-"""Hand-written fakes shared by the unit tests (STYLE.md: fakes, not mocks)."""
+"""Hand-written fakes shared by the unit tests: small classes that behave, not mocks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import trio
 
 from aemagent.core.clocks import Now
 from aemagent.core.source import Grant
-from aemagent.credentials import Secret
+from aemagent.credentials import Credential, Secret
 
 DAY = 86400.0
 
@@ -76,7 +76,7 @@ class FakeIMS:
         self.active = 0
         self.max_active = 0
 
-    async def revoke(self, credential: FakeCredential, token: Secret) -> str:
+    async def revoke(self, credential: Credential, token: Secret) -> str:
         self.revoked.append(token.reveal())
         await trio.sleep(self.latency)
         outcome = self.script.pop(0) if self.script else None
@@ -84,7 +84,7 @@ class FakeIMS:
             raise outcome
         return "IMS accepted the revocation (HTTP 200)"
 
-    async def fetch(self, credential: FakeCredential) -> Grant:
+    async def fetch(self, credential: Credential) -> Grant:
         self.calls.append((trio.current_time(), credential.client_id))
         self.active += 1
         self.max_active = max(self.max_active, self.active)

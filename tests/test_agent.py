@@ -1,6 +1,6 @@
 """The agent's token lifecycle on trio's MockClock: days of timers in no real time.
 
-The fake IMS and fake credentials are hand-written (STYLE.md); the wall and boot clocks follow
+The fake IMS and fake credentials are hand-written (tests/fakes.py); the wall and boot clocks follow
 trio's virtual clock, and tests move them further to simulate suspend and clock jumps.
 """
 
@@ -13,6 +13,7 @@ import trio
 from fakes import DAY, FakeCredential, FakeIMS, FixedRandom, LinkedClock
 
 from aemagent.core.agent import Agent
+from aemagent.daemon.views import describe
 from aemagent.errors import (
     AmbiguousError,
     IMSPermanentError,
@@ -36,7 +37,7 @@ def ims(clock: LinkedClock) -> FakeIMS:
 @asynccontextmanager
 async def running(ims: FakeIMS, clock: LinkedClock, draw: float = 0.0, **kwargs):
     async with trio.open_nursery() as nursery:
-        agent = Agent(ims, clock=clock, rng=FixedRandom(draw), **kwargs)  # type: ignore[arg-type]
+        agent = Agent(ims, clock=clock, rng=FixedRandom(draw), **kwargs)
         await nursery.start(agent.run)
         yield agent
         nursery.cancel_scope.cancel()
@@ -154,7 +155,7 @@ async def test_old_token_served_while_ims_is_down(autojump_clock, clock, ims):
         # failures since the refresh came due (at 62 640 s) cost dozens of attempts, not thousands
         assert ims.calls[-1][0] - ims.calls[-2][0] == pytest.approx(150.5 + 0.1)
         assert calls < 50
-        desc = agent.describe(agent.resolve())
+        desc = describe(agent.resolve(), agent.now())
         assert desc["state"] == "retrying"
         assert "503" in desc["last_error"]
 
@@ -180,7 +181,7 @@ async def test_permanent_failure_stops_retries_until_manual_refresh(autojump_clo
                 await agent.token(min_valid=600)
         await trio.sleep(DAY)
         assert len(ims.calls) == 1
-        assert agent.describe(agent.resolve())["state"] == "failed"
+        assert describe(agent.resolve(), agent.now())["state"] == "failed"
         await agent.refresh("p1-e2")
         assert len(ims.calls) == 2
         assert (await agent.token()).token.reveal() == "token-cm-p1-e2-2"
@@ -322,9 +323,9 @@ async def test_describe_has_no_secrets(autojump_clock, clock, ims):
     async with running(ims, clock) as agent:
         await agent.add(FakeCredential())
         await agent.token()
-        text = repr(agent.describe(agent.resolve()))
+        text = repr(describe(agent.resolve(), agent.now()))
         assert "token-cm-p1-e2" not in text
-        assert agent.describe(agent.resolve())["token_fingerprint"].startswith("sha256:")
+        assert describe(agent.resolve(), agent.now())["token_fingerprint"].startswith("sha256:")
 
 
 def sha(text: str) -> str:
@@ -387,7 +388,7 @@ async def test_explicit_hosts_win_over_derived_ones(autojump_clock, clock, ims):
         await agent.add(FakeCredential(derived=derived, digest="3", client_id="x"), name="twin")
         with pytest.raises(AmbiguousError, match="service, twin"):
             pick(url="https://publish-p1-e2.adobeaemcloud.com/")
-        assert agent.describe(pick("service"))["hosts"] == ["*-p1-e2.adobeaemcloud.com"]
+        assert describe(pick("service"), agent.now())["hosts"] == ["*-p1-e2.adobeaemcloud.com"]
 
 
 async def test_revoke_asks_ims_and_reports(autojump_clock, clock, ims):
@@ -434,7 +435,7 @@ async def test_dev_token_is_served_until_it_expires_and_never_refreshed(autojump
         with pytest.raises(UsageError, match="cannot be refreshed"):
             await agent.refresh("devtoken")
         assert ims.calls == []
-        assert agent.describe(agent.resolve())["state"] == "expired"
+        assert describe(agent.resolve(), agent.now())["state"] == "expired"
 
 
 async def test_an_expired_dev_token_is_refused_at_add(autojump_clock, clock, ims):

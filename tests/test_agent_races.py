@@ -32,7 +32,7 @@ def fake_ims(clock: LinkedClock) -> FakeIMS:
 @asynccontextmanager
 async def running(ims: FakeIMS, clock: LinkedClock):
     async with trio.open_nursery() as nursery:
-        agent = Agent(ims, clock=clock, rng=FixedRandom(0.0))  # type: ignore[arg-type]
+        agent = Agent(ims, clock=clock, rng=FixedRandom(0.0))
         await nursery.start(agent.run)
         yield agent
         nursery.cancel_scope.cancel()
@@ -109,7 +109,7 @@ async def test_a_discarded_flight_result_ends_its_profile(autojump_clock, clock,
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: agent.add(FakeCredential(), name="x"))
             await trio.sleep(1)  # its first fetch is in flight
-            del agent._profiles["x"]  # lost without `_drop`: nothing cancels its tasks
+            del agent._table._profiles["x"]  # lost without `_drop`: nothing cancels its tasks
         await watch_an_hour(fake_ims, bound=1)
         assert live_profile_tasks(agent) == 0
 
@@ -247,7 +247,7 @@ def test_concurrent_adds_leave_one_profile_and_an_idle_agent(agent, ims):
         ]
         for add in adds:
             assert add.wait(timeout=procs.STEP_TIMEOUT) == 0
-    # A service credential: its key takes the agent some 40 ms to check, during which the
+    # A service credential: checking its key takes the agent long enough that the
     # other requests arrive, so that several adds are under way at once.
     with open(ims.credentials["service"]) as f:
         body = json.dumps({"credential": json.load(f), "name": "x"}).encode()

@@ -98,7 +98,7 @@ async def harness():
     clock = LinkedClock()
     ims = FakeIMS(clock)
     async with trio.open_nursery() as nursery:
-        agent = Agent(ims, clock=clock, rng=FixedRandom(0.0))  # type: ignore[arg-type]
+        agent = Agent(ims, clock=clock, rng=FixedRandom(0.0))
         await nursery.start(agent.run)
         h = Harness(agent, None)  # type: ignore[arg-type]
         h.api = AgentAPI(agent, shutdown=lambda: setattr(h, "stopped", True))

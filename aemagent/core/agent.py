@@ -5,7 +5,7 @@ Theory of operation
 Each profile owns a small nursery inside the agent's task tree, under a cancel scope that forgetting
 or replacing the profile cancels. In it run:
 
-* the profile's timer: asks the pure `Schedule` (policy.py) whether a refresh is due, starts one
+* the profile's timer: asks the pure `Schedule` (`core.policy`) whether a refresh is due, starts one
   if so, then sleeps until the next decision, never longer than a minute, and re-reads both clocks
   on every wake-up (so a laptop that slept through the refresh time refreshes at once). A sleep
   that is only that once-a-minute re-check ends on the next whole minute of trio's clock
@@ -37,20 +37,16 @@ import hashlib
 import hmac
 import itertools
 import logging
-import math
 import random
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
 
 import trio
 
+from aemagent.core import messages
 from aemagent.core.clocks import Clock, Now, SystemClock, on_grid
-from aemagent.core.logs import describe_duration, fingerprint, utc_iso
 from aemagent.core.policy import (
     PolicySettings,
     Schedule,
-    TokenTimes,
     effective_min_valid,
     fetched_token_times,
     fixed_token_times,
@@ -58,9 +54,9 @@ from aemagent.core.policy import (
 from aemagent.core.profiles import (
     Flight,
     Profile,
+    ProfileTable,
     Served,
     Unloaded,
-    account_of,
     check_profile_name,
     identity_text,
     same_identity,
@@ -79,7 +75,7 @@ from aemagent.errors import (
 
 log = logging.getLogger("aemagent.agent")
 
-# Concurrent IMS calls across all profiles (LESSONS.md 9: no refresh storms).
+# Concurrent IMS calls across all profiles: many profiles due at once must not storm IMS.
 DEFAULT_IMS_CONCURRENCY = 4
 # A development token counts as expired this long before the expiry IMS stamped into it.
 DEV_TOKEN_MARGIN = 30.0
@@ -93,10 +89,6 @@ class _AddSettings:
     default: bool
     source: str
     forget_at: float | None
-
-
-# Hosts remembered by `Agent._resolved`: far more than one user's scripts ask for.
-_RESOLVED_MAX = 1024
 
 
 class Agent:
@@ -116,11 +108,7 @@ class Agent:
         self.settings = settings or PolicySettings()
         self._ims_limit = trio.CapacityLimiter(ims_concurrency)
         self._rng = rng or random.Random()
-        self._profiles: dict[str, Profile] = {}
-        # Which profile a URL's host (or None: no name, no URL) resolves to, as last computed;
-        # emptied whenever profiles, hosts or the default change. Matching is a scan over every
-        # profile's patterns, which a script asking for the same host again should not repeat.
-        self._resolved: dict[str | None, Profile] = {}
+        self._table = ProfileTable()
         self._generations = itertools.count(1)
         self._nursery: trio.Nursery | None = None
 
@@ -140,10 +128,14 @@ class Agent:
     # ---- management
 
     def profiles(self) -> list[Profile]:
-        return sorted(self._profiles.values(), key=lambda p: p.name)
+        return self._table.sorted()
 
     def find(self, name: str) -> Profile | None:
-        return self._profiles.get(name)
+        return self._table.find(name)
+
+    def resolve(self, name: str | None = None, url: str | None = None) -> Profile:
+        """The profile a request is for: by name, by a URL's host, or the default."""
+        return self._table.resolve(name, url)
 
     def add_unloaded(
         self, name: str, error: str, hosts: tuple[str, ...] = (), default: bool = False
@@ -157,12 +149,10 @@ class Agent:
             hosts=hosts,
             source="config",
         )
-        old = self._profiles.get(name)
+        old = self._table.find(name)
         if old is not None:
             self._drop(old)
-        self._profiles[name] = profile
-        self._set_default(profile, default)
-        self._resolved.clear()
+        self._table.put(profile, default=default)
         return profile
 
     async def add(
@@ -213,12 +203,10 @@ class Agent:
         if kept is not None:  # a concurrent add of the same credential won: ours never ran
             profile.scope.cancel()
             return kept
-        old = self._profiles.get(name)
+        old = self._table.find(name)
         if old is not None:
             self._drop(old)
-        self._profiles[name] = profile
-        self._set_default(profile, default)
-        self._resolved.clear()
+        self._table.put(profile, default=default)
         profile.published.set()
         replaced = old is not None and not isinstance(old.credential, Unloaded)
         log.info("profile %s: %s %s", name, "replaced with" if replaced else "added", credential)
@@ -229,7 +217,7 @@ class Agent:
     ) -> Profile | None:
         """The current holder of `name` if it holds this very credential (it takes the new
         settings and keeps its token); refuses a derived name held by another identity."""
-        old = self._profiles.get(name)
+        old = self._table.find(name)
         if old is None:
             return None
         if not explicit and not same_identity(old.credential, credential):
@@ -242,8 +230,7 @@ class Agent:
         # The same credential again: keep its token, take the new settings, and lift a
         # permanent-failure block (adding a credential again counts as a manual retry).
         old.hosts, old.source, old.forget_at = settings.hosts, settings.source, settings.forget_at
-        self._set_default(old, settings.default)
-        self._resolved.clear()
+        self._table.set_default(old, settings.default)
         if old.schedule.blocked:
             old.schedule.on_manual()
             old.notify()
@@ -253,10 +240,7 @@ class Agent:
     def _load_dev_token(self, profile: Profile, token: DevToken, now: Now) -> None:
         """A development token is its own token: served until it expires, never refreshed."""
         if token.expired(now.wall + DEV_TOKEN_MARGIN):
-            raise UnavailableError(
-                f"the development token expired at {utc_iso(token.expires_at)};"
-                " download a new one from the AEM Developer Console"
-            )
+            raise messages.expired_dev_token(token)
         profile.token = token.token
         # IMS's clock stamped its expiry; a local clock running slow would make it look valid
         # too long, so it counts as expired a little early.
@@ -265,9 +249,9 @@ class Agent:
         )
 
     def forget(self, name: str) -> Profile:
-        profile = self._profiles.get(name)
+        profile = self._table.find(name)
         if profile is None:
-            raise NotFoundError(self._no_such_profile(name))
+            raise NotFoundError(self._table.no_such_profile(name))
         self._drop(profile)
         log.info("profile %s: forgotten", name)
         return profile
@@ -281,89 +265,10 @@ class Agent:
         return dropped
 
     def _drop(self, profile: Profile) -> None:
-        if self._profiles.get(profile.name) is profile:
-            del self._profiles[profile.name]
-        self._resolved.clear()
+        self._table.remove(profile)
         profile.scope.cancel()
         profile.token = None
         profile.notify()
-
-    def _set_default(self, profile: Profile, default: bool) -> None:
-        if default:
-            for other in self._profiles.values():
-                other.default = other is profile
-        else:
-            profile.default = False
-
-    # ---- choosing a profile
-
-    def resolve(self, name: str | None = None, url: str | None = None) -> Profile:
-        if name:
-            profile = self._profiles.get(name)
-            if profile is None:
-                raise NotFoundError(self._no_such_profile(name))
-            return profile
-        if url:
-            return self._resolve_url(url)
-        found = self._resolved.get(None)
-        if found is not None:
-            return found
-        found = self._resolve_default()
-        self._resolved[None] = found
-        return found
-
-    def _resolve_default(self) -> Profile:
-        if not self._profiles:
-            raise NotFoundError("no profiles loaded; add one with `aemagent add FILE`")
-        defaults = [p for p in self._profiles.values() if p.default]
-        if defaults:
-            return defaults[0]
-        if len(self._profiles) == 1:
-            return next(iter(self._profiles.values()))
-        raise AmbiguousError(
-            f"several profiles and none is the default ({', '.join(self._names())});"
-            " choose one with --profile, or add one with --default"
-        )
-
-    def _resolve_url(self, url: str) -> Profile:
-        try:
-            host = urlsplit(url if "//" in url else f"//{url}").hostname
-        except ValueError:
-            host = None
-        if not host:
-            raise UsageError("url has no host name")
-        host = host.lower()
-        found = self._resolved.get(host)
-        if found is None:
-            found = self._match_host(host)
-            if len(self._resolved) >= _RESOLVED_MAX:
-                self._resolved.clear()
-            self._resolved[host] = found
-        return found
-
-    def _match_host(self, host: str) -> Profile:
-        # Patterns given with --host win over those derived from the credential: a profile
-        # added for one AEM host is not shadowed by a service credential of that environment.
-        matches = [p for p in self.profiles() if p.matches_host(host, derived=False)]
-        if not matches:
-            matches = [p for p in self.profiles() if p.matches_host(host, derived=True)]
-        if not matches:
-            raise NotFoundError(f"no profile matches host {host}; profiles: {self._names_text()}")
-        if len(matches) > 1:
-            raise AmbiguousError(
-                f"several profiles match host {host}: {', '.join(p.name for p in matches)};"
-                " choose one with --profile"
-            )
-        return matches[0]
-
-    def _names(self) -> list[str]:
-        return sorted(self._profiles)
-
-    def _names_text(self) -> str:
-        return ", ".join(self._names()) or "none loaded"
-
-    def _no_such_profile(self, name: str) -> str:
-        return f"no profile named {name}; profiles: {self._names_text()}"
 
     # ---- serving
 
@@ -377,11 +282,7 @@ class Agent:
         wait = self.settings.request_wait
         with trio.move_on_after(wait):
             return await self._token(name, url, min_valid)
-        profile = self.resolve(name, url)
-        raise UnavailableError(
-            f"profile {profile.name}: IMS did not answer within {wait:g} s"
-            + (f"; last error: {profile.last_error}" if profile.last_error else "")
-        )
+        raise messages.no_answer(self.resolve(name, url), wait)
 
     async def _token(self, name: str | None, url: str | None, min_valid: float | None) -> Served:
         fetches_seen: dict[int, int] = {}
@@ -396,51 +297,11 @@ class Agent:
             if schedule.token is not None:
                 need = effective_min_valid(min_valid, schedule.token.lifetime, self.settings)
             if profile.flight is None:
-                self._fail_unless_fetch_can_help(profile, now, need, fetches_seen)
+                fetched = profile.fetches > fetches_seen[profile.generation]
+                messages.raise_unless_fetch_can_help(profile, now, need, fetched)
                 if schedule.may_fetch(now):
                     self._start_flight(profile)
             await profile.changed.wait()
-
-    def _fail_unless_fetch_can_help(
-        self, profile: Profile, now: Now, need: float, fetches_seen: dict[int, int]
-    ) -> None:
-        schedule = profile.schedule
-        what = f"profile {profile.name}"
-        if isinstance(profile.credential, Unloaded):
-            raise UnavailableError(
-                f"{what}: {profile.credential.error};"
-                f" run `aemagent refresh {profile.name}` to read it again"
-            )
-        if not schedule.refreshable:
-            times = schedule.token
-            if times is not None and times.remaining(now) > 0:
-                raise UnavailableError(
-                    f"{what}: the development token has only"
-                    f" {describe_duration(times.remaining(now))} left, less than {need:g} s;"
-                    f" {_dev_token_advice(profile, replace=False)}"
-                )
-            expired = f" at {utc_iso(times.wall_expiry)}" if times else ""
-            raise UnavailableError(
-                f"{what}: the development token expired{expired};"
-                f" {_dev_token_advice(profile, replace=False)}"
-            )
-        if schedule.blocked:
-            raise UnavailableError(
-                f"{what}: {profile.last_error}; fix the credential, then run"
-                f" `aemagent refresh {profile.name}` or add it again"
-            )
-        if profile.fetches > fetches_seen[profile.generation] and schedule.token is not None:
-            raise UnavailableError(
-                f"{what}: a fresh token is valid for only"
-                f" {schedule.token.remaining(now):.0f} s, less than the {need:g} s asked for"
-            )
-        if schedule.backing_off(now):
-            assert schedule.retry_at is not None
-            retry_in = schedule.retry_at - now.boot
-            if trio.current_time() + retry_in > trio.current_effective_deadline():
-                raise UnavailableError(
-                    f"{what}: {profile.last_error}; next attempt in {describe_duration(retry_in)}"
-                )
 
     def _usable(self, profile: Profile, min_valid: float | None) -> Served | None:
         """The profile's token if it is valid for long enough now, else None."""
@@ -464,37 +325,19 @@ class Agent:
         If IMS fails transiently, the refresh is not given up: the timer retries it with backoff
         until a new token arrives (or a permanent failure), even while the old one is not due."""
         profile = self.resolve(name)
-        if isinstance(profile.credential, Unloaded):
-            raise UnavailableError(f"profile {name}: {profile.credential.error}")
-        if not profile.schedule.refreshable:
-            raise UsageError(
-                f"profile {name}: a development token cannot be refreshed;"
-                f" {_dev_token_advice(profile, replace=True)}"
-            )
+        refused = messages.refresh_refused(profile)
+        if refused is not None:
+            raise refused
         profile.schedule.on_manual()
         profile.refresh_wanted = True
         try:
             await self._await_flight(profile, profile.flight or self._start_flight(profile))
         except IMSTransientError as exc:
-            raise UnavailableError(self._retrying(profile, exc)) from None
+            current = self._table.is_current(profile)
+            raise UnavailableError(
+                messages.retrying(profile, exc, self.now(), current=current)
+            ) from None
         return profile
-
-    def _retrying(self, profile: Profile, exc: IMSTransientError) -> str:
-        """What a manual refresh that failed transiently tells the user: the background retry."""
-        text = f"profile {profile.name}: {exc}"
-        if self._profiles.get(profile.name) is not profile:
-            return text
-        now = self.now()
-        times = profile.schedule.token
-        retry_at = profile.schedule.retry_at
-        if profile.token is not None and times is not None and times.remaining(now) > 0:
-            left = describe_duration(times.remaining(now))
-            return (
-                f"{text}; the current token stays valid for {left}"
-                " and the agent retries in the background"
-            )
-        when = f" (next attempt in {describe_duration(retry_at - now.boot)})" if retry_at else ""
-        return f"{text}; there is no valid token and the agent retries in the background{when}"
 
     async def force_refresh(self, name: str, if_current: str) -> tuple[Profile, bool]:
         """A refresh asked for by a caller whose token was refused (git `erase`, a 401 retry).
@@ -526,7 +369,7 @@ class Agent:
             raise UnavailableError(f"profile {profile.name}: IMS did not answer within {wait:g} s")
         if flight.error is not None:
             raise flight.error
-        if self._profiles.get(profile.name) is not profile:
+        if not self._table.is_current(profile):
             # Its flight was cancelled or its result discarded: nothing was refreshed.
             raise UnavailableError(
                 f"profile {profile.name} was forgotten or replaced while it was being refreshed"
@@ -572,7 +415,7 @@ class Agent:
                 profile, flight, IMSTransientError(f"internal error ({type(exc).__name__})")
             )
         else:
-            if self._profiles.get(profile.name) is profile:
+            if self._table.is_current(profile):
                 times = fetched_token_times(
                     grant.lifetime, grant.sent, self._rng.random(), self.settings
                 )
@@ -581,53 +424,28 @@ class Agent:
                 profile.schedule.on_success(times)
                 profile.fetches += 1
                 profile.last_error = None
-                self._log_token(profile, times)
+                messages.log_new_token(profile, times, self.now())
         finally:
             profile.flight = None
             flight.done.set()
             profile.notify()
-            if self._profiles.get(profile.name) is not profile:
+            if not self._table.is_current(profile):
                 # Forgotten or replaced meanwhile: its result was discarded, so its refresh is
                 # still due; nothing of it may run on (its timer would fetch again at once).
                 self._drop(profile)
 
     def _failed(self, profile: Profile, flight: Flight, exc: IMSError) -> None:
         flight.error = exc
-        if self._profiles.get(profile.name) is not profile:
+        if not self._table.is_current(profile):
             return
         now = self.now()
         profile.last_error = exc
         profile.schedule.on_failure(
             now, transient=exc.transient, retry_after=exc.retry_after, draw=self._rng.random()
         )
-        if exc.transient:
-            retry_at = profile.schedule.retry_at or now.boot
-            log.warning(
-                "profile %s: %s; retrying in %s",
-                profile.name,
-                exc,
-                describe_duration(retry_at - now.boot),
-            )
-        else:
+        if not exc.transient:
             profile.refresh_wanted = False
-            log.error(
-                "profile %s: %s; no automatic retries until `aemagent refresh %s`",
-                profile.name,
-                exc,
-                profile.name,
-            )
-
-    def _log_token(self, profile: Profile, times: TokenTimes) -> None:
-        assert profile.token is not None
-        now = self.now()
-        log.info(
-            "profile %s: new token %s, expires %s (in %s), refresh in %s",
-            profile.name,
-            fingerprint(profile.token.reveal()),
-            utc_iso(times.wall_expiry),
-            describe_duration(times.remaining(now)),
-            describe_duration(times.remaining(now) - times.refresh_margin),
-        )
+        messages.log_failure(profile, exc, now)
 
     async def _run_profile(self, profile: Profile, *, task_status: trio.TaskStatus[None]) -> None:
         with profile.scope:
@@ -640,7 +458,7 @@ class Agent:
     async def _timer(self, profile: Profile) -> None:
         schedule = profile.schedule
         while True:
-            if self._profiles.get(profile.name) is not profile:
+            if not self._table.is_current(profile):
                 self._drop(profile)  # not the current holder of its name: cancels this task
                 await trio.lowlevel.checkpoint()
                 return
@@ -665,57 +483,6 @@ class Agent:
             with trio.move_on_at(on_grid(trio.current_time(), delay, period)):
                 await profile.changed.wait()
 
-    # ---- description for `status`
-
-    def describe(self, profile: Profile) -> dict[str, Any]:
-        now = self.now()
-        times = profile.schedule.token
-        credential = profile.credential
-        info: dict[str, Any] = {
-            "name": profile.name,
-            "kind": credential.kind,
-            "state": profile.state(now),
-            "default": profile.default,
-            "hosts": list(profile.hosts + profile.derived_hosts),
-            "account": account_of(credential),
-            "source": profile.source,
-            "client_id": credential.client_id,
-            "org_id": credential.org_id,
-            "expires_at": None,
-            "expires_in": None,
-            "refresh_at": _unix(profile.schedule.next_refresh_wall(now)),
-            "last_error": (
-                credential.error
-                if isinstance(credential, Unloaded)
-                else str(profile.last_error)
-                if profile.last_error
-                else None
-            ),
-            "token_fingerprint": None,
-            "certificate_expires_at": _unix(credential.certificate_expires_at),
-            "forget_at": _unix(
-                None if profile.forget_at is None else now.wall + profile.forget_at - now.boot
-            ),
-        }
-        if times is not None and profile.token is not None:
-            remaining = times.remaining(now)
-            info["expires_at"] = _unix(now.wall + remaining)
-            info["expires_in"] = max(0, math.floor(remaining))
-            info["token_fingerprint"] = fingerprint(profile.token.reveal())
-        return info
-
-
-def _dev_token_advice(profile: Profile, *, replace: bool) -> str:
-    """What to do about a development token that is too short-lived, expired, or unrefreshable."""
-    download = "download a new one from the AEM Developer Console"
-    if profile.source == "config":
-        return f"{download}, update its source, then `aemagent reload`"
-    return f"{download} and add it again" if replace else download
-
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _unix(value: float | None) -> int | None:
-    return None if value is None else math.floor(value)

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from aemagent import __version__
 from aemagent.core.agent import Agent
-from aemagent.core.profiles import Profile, Served, Unloaded
+from aemagent.core.profiles import Profile, Unloaded
 from aemagent.credentials import parse_credential
 from aemagent.daemon.httpserver import Request, Response
+from aemagent.daemon.views import describe, token_json
 from aemagent.errors import AemAgentError, UsageError
 
 if TYPE_CHECKING:
@@ -96,6 +97,9 @@ class AgentAPI:
         except AemAgentError as exc:
             return Response.error(exc.status, exc.code, str(exc))
 
+    def _describe(self, profile: Profile) -> dict[str, Any]:
+        return describe(profile, self._agent.now())
+
     # ---- handlers
 
     async def _health(self, request: Request, name: str | None) -> Response:
@@ -114,13 +118,12 @@ class AgentAPI:
         accept = request.header("accept") or ""
         if accept.split(";")[0].strip() == "text/plain":
             return Response(200, served.token.reveal().encode(), content_type="text/plain")
-        return Response.json(200, _token_json(served))
+        return Response.json(200, token_json(served))
 
     async def _list(self, request: Request, name: str | None) -> Response:
         del request, name
-        return Response.json(
-            200, {"profiles": [self._agent.describe(p) for p in self._agent.profiles()]}
-        )
+        now = self._agent.now()
+        return Response.json(200, {"profiles": [describe(p, now) for p in self._agent.profiles()]})
 
     async def _add(self, request: Request, name: str | None) -> Response:
         del name
@@ -136,7 +139,7 @@ class AgentAPI:
             default=_opt_bool(body, "default"),
             lifetime=_opt_seconds(body, "lifetime"),
         )
-        return Response.json(201, self._agent.describe(profile))
+        return Response.json(201, self._describe(profile))
 
     async def _forget_all(self, request: Request, name: str | None) -> Response:
         del name
@@ -151,7 +154,7 @@ class AgentAPI:
     async def _show(self, request: Request, name: str | None) -> Response:
         del request
         assert name is not None
-        return Response.json(200, self._agent.describe(self._agent.resolve(name)))
+        return Response.json(200, self._describe(self._agent.resolve(name)))
 
     async def _forget(self, request: Request, name: str | None) -> Response:
         assert name is not None
@@ -171,16 +174,16 @@ class AgentAPI:
             after = self._agent.resolve(name)
             if after is not before and _loaded_dev_token(after):
                 # A development token read anew from its source: loaded, nothing to fetch.
-                return Response.json(200, {**self._agent.describe(after), "refreshed": True})
+                return Response.json(200, {**self._describe(after), "refreshed": True})
             profile = await self._agent.refresh(name)
-            return Response.json(200, {**self._agent.describe(profile), "refreshed": True})
+            return Response.json(200, {**self._describe(profile), "refreshed": True})
         body = _json_body(request)
         _only_keys(body, {"if_current"}, "field")
         if_current = body.get("if_current")
         if not isinstance(if_current, str) or len(if_current) != 64:
             raise UsageError("field if_current must be the SHA-256 of a token, in hex")
         profile, refreshed = await self._agent.force_refresh(name, if_current)
-        return Response.json(200, {**self._agent.describe(profile), "refreshed": refreshed})
+        return Response.json(200, {**self._describe(profile), "refreshed": refreshed})
 
     async def _reread_source(self, name: str) -> None:
         """A manual refresh of a config-file profile reads its file or command again first."""
@@ -225,20 +228,6 @@ def _revoke_flag(request: Request) -> bool:
     if value not in ("0", "1", "true", "false", ""):
         raise UsageError("revoke must be 1 or 0")
     return value in ("1", "true")
-
-
-def _token_json(served: Served) -> dict[str, Any]:
-    credential = served.profile.credential
-    return {
-        "access_token": served.token.reveal(),
-        "token_type": "Bearer",
-        "expires_at": math.floor(served.expires_at),
-        "expires_in": math.floor(served.expires_in),
-        "profile": served.profile.name,
-        "client_id": credential.client_id,
-        "org_id": credential.org_id,
-        "account": getattr(credential, "technical_account_id", None),
-    }
 
 
 def _loaded_dev_token(profile: Profile) -> bool:
