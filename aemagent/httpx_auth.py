@@ -6,7 +6,7 @@
     with httpx.Client(auth=AemAgentAuth()) as http:  # the profile is chosen by the host
         http.get("https://author-p123-e456.adobeaemcloud.com/content/x.json")
 
-Every request asks the agent for the current token (about a millisecond over the socket), so a
+Every request asks the agent for the current token (cheap: one local socket round trip), so a
 program that runs for days never sends a stale one. On a 401 it forces ONE refresh, proving which
 token failed by its SHA-256 (the agent refreshes only if that is still the current token and it has
 not forced one in the last minute), then retries once if the agent now has a different token;

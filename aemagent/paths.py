@@ -5,8 +5,8 @@ per-user default, so that cron jobs, GUI apps and tmux after a reattach find the
 environment.
 
 aem-token imports this module on its hot path: `os`, `stat` and `sys` only (all loaded at
-interpreter start), and no `from __future__ import annotations` (importing `__future__` costs
-0.3 ms; the annotations here evaluate fine on Python 3.11 as they are).
+interpreter start), and no `from __future__ import annotations` (importing `__future__` is not
+free, and the annotations here evaluate fine on Python 3.11 as they are).
 """
 
 import os

@@ -43,7 +43,7 @@ from aemagent.emulator.app import (
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 DROP = object()  # a claim to leave out
-# httpx builds an SSL context per client (25 ms) even for plain HTTP: build one for all.
+# httpx builds an SSL context per client (slow) even for plain HTTP: build one for all.
 SSL_CONTEXT = ssl.create_default_context()
 
 
@@ -54,7 +54,7 @@ def key_pool() -> tuple[rsa.RSAPrivateKey, ...]:
 
 @pytest.fixture
 def pooled_keys(monkeypatch):
-    """RSA key generation is most of an emulator's start (60 ms): reuse a few keys.
+    """RSA key generation is most of an emulator's start: reuse a few keys.
 
     Consecutive emulators in one test still get different keys, and none gets the last one.
     """
@@ -83,7 +83,7 @@ def oauth(emu: RunningEmulator) -> dict:
 
 
 def make_jwt(emu: RunningEmulator, key=None, algorithm="RS256", **overrides) -> str:
-    """A JWT as IMS.md section 2 describes it, from the written service.json."""
+    """A JWT as IMS's JWT exchange expects it, from the written service.json."""
     creds = integration(emu)
     claims = {
         "exp": int(time.time()) + 300,
@@ -101,7 +101,7 @@ def make_jwt(emu: RunningEmulator, key=None, algorithm="RS256", **overrides) -> 
 
 @functools.cache
 def load_key(pem: str) -> rsa.RSAPrivateKey:
-    # Loading checks the key's consistency, 40 ms a time: once per key is enough.
+    # Loading checks the key's consistency, which is slow: once per key is enough.
     return serialization.load_pem_private_key(pem.encode(), password=None)
 
 

@@ -1,7 +1,7 @@
 """`aemagent emulator`: a local IMS stand-in over loopback HTTP, for trying the agent and for tests.
 
 It registers one AEM service integration and one OAuth server-to-server client, freshly generated
-at every start, and answers what IMS answers (IMS.md):
+at every start, and answers what Adobe IMS answers, as far as the agent relies on it:
 
     POST /ims/exchange/jwt          JWT exchange; every claim rule checked; expires_in in ms
     POST /ims/token/v3              client credentials; expires_in in s
@@ -25,7 +25,7 @@ for clock-skew tests). Test hooks, loopback only like everything else:
     GET|POST /_emulator/clock  read or set {"offset": seconds}
 
 `--exchange-delay SECONDS` holds every request to the token endpoints that long before answering
-(real IMS takes 100 ms or more), so that concurrent exchanges overlap and can be counted.
+(as real IMS takes a noticeable while), so that concurrent exchanges overlap and can be counted.
 
 It serves plain HTTP, so it binds loopback addresses only.
 """

@@ -1,15 +1,15 @@
 """The IMS emulator's state and endpoints: a `serve_http` handler with no sockets of its own.
 
-`Emulator.handle` answers IMS's three endpoints (IMS.md sections 2, 3, 6), the AEM stand-in and
-the `/_emulator/` test hooks; the endpoints are listed in `aemagent.emulator`. Refusals follow
-IMS's error shape `{"error", "error_description"}`. Checks run in a fixed order (form, client,
-secret, then the JWT rules of `emulator_tokens.check_jwt_assertion`), so a request with several
-faults always gets the same answer.
+`Emulator.handle` answers IMS's three endpoints (JWT exchange, client credentials, token
+invalidation), the AEM stand-in and the `/_emulator/` test hooks; the endpoints are listed in
+`aemagent.emulator.app`. Refusals follow IMS's error shape `{"error", "error_description"}`.
+Checks run in a fixed order (form, client, secret, then the JWT rules of
+`tokens.check_jwt_assertion`), so a request with several faults always gets the same answer.
 
 The two token endpoints (`/ims/exchange/jwt`, `/ims/token/v3`) are counted while they are being
 answered: `in_flight` now, `max_in_flight` ever (the high-water mark the agent's IMS concurrency
 cap must keep under), `exchanges` in all. `exchange_delay` holds every such request that long
-before it is answered, as real IMS takes 100 ms or more: without it, answers take a millisecond
+before it is answered, as real IMS takes a noticeable while: without it, answers are immediate
 and no concurrency could ever be seen.
 """
 
@@ -228,7 +228,7 @@ class Emulator:
         _check_secret(form["client_secret"], service.client_secret)
         scopes = check_jwt_assertion(form["jwt_token"], service, self.base_url, self.now())
         token = self._mint(service.client_id, service.technical_account_id, ",".join(scopes))
-        lifetime_ms = self.token_lifetime * 1000  # milliseconds on this endpoint (IMS.md 2)
+        lifetime_ms = self.token_lifetime * 1000  # IMS's JWT exchange: expires_in in milliseconds
         return Response.json(
             200, {"token_type": "bearer", "access_token": token, "expires_in": lifetime_ms}
         )
@@ -247,7 +247,7 @@ class Emulator:
                 400, "invalid_scope", "the requested scopes are not a subset of the client's"
             )
         token = self._mint(oauth.client_id, oauth.technical_account_id, ",".join(asked))
-        # Seconds on this endpoint (IMS.md 3).
+        # IMS's client-credentials endpoint gives expires_in in seconds.
         return Response.json(
             200, {"access_token": token, "token_type": "bearer", "expires_in": self.token_lifetime}
         )

@@ -2,7 +2,7 @@
 
 Deliberately written against cryptography and pyjwt directly, never against
 `aemagent.credentials` or `aemagent.ims`: an emulator that shared the client's code would share
-its bugs and agree with them. The rules are those of IMS.md sections 1 to 4. Nothing here does
+its bugs and agree with them. The rules are IMS's, as each function says. Nothing here does
 I/O except `write_credential_files`; time is passed in as `now` (Unix seconds on the emulator's
 clock).
 """
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("aemagent.emulator")
 
-# IMS's tolerance for a JWT's `exp` (IMS.md section 2).
+# IMS's tolerance for a JWT's `exp`: this far in the past (clock skew), a day ahead at most.
 EXP_SKEW_SECONDS = 30
 EXP_MAX_AHEAD_SECONDS = 24 * 3600
 CERTIFICATE_DAYS = 365
@@ -68,7 +68,7 @@ def _secret() -> str:
 
 @dataclass(frozen=True, repr=False)
 class ServiceIntegration:
-    """The AEM service credential the emulator registers (IMS.md section 1.1)."""
+    """The AEM service credential the emulator registers (a JWT service account)."""
 
     client_id: str
     client_secret: str
@@ -142,7 +142,7 @@ class ServiceIntegration:
 
 @dataclass(frozen=True, repr=False)
 class OAuthClient:
-    """The OAuth server-to-server client the emulator registers (IMS.md section 1.2)."""
+    """The OAuth server-to-server client the emulator registers (client credentials)."""
 
     client_id: str
     client_secret: str
@@ -183,7 +183,7 @@ class TokenIssuer:
 
     def mint(self, *, client_id: str, user_id: str, scope: str, now: float, lifetime: int) -> str:
         created_ms = int(now * 1000)
-        # IMS.md section 4: created_at and expires_in are strings of milliseconds, no `exp`.
+        # As IMS's own: created_at and expires_in are strings of milliseconds, no `exp`.
         claims = {
             "id": f"{created_ms}_{uuid.uuid4()}_ue1",
             "type": "access_token",
@@ -228,7 +228,7 @@ def peek_jwt(token: str) -> dict[str, Any] | None:
 def check_jwt_assertion(
     token: str, integration: ServiceIntegration, base_url: str, now: float
 ) -> tuple[str, ...]:
-    """Every IMS rule for a JWT exchange (IMS.md section 2); the granted metascopes."""
+    """Every IMS rule for a JWT exchange; the granted metascopes."""
     try:
         header = jwt.get_unverified_header(token)
     except jwt.InvalidTokenError:
