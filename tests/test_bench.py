@@ -1,5 +1,7 @@
 """The benchmark suite's smoke run: every section starts, measures and reports (timings unchecked).
 
+It takes a minute or two, so the default run leaves it out: `python -m pytest -m bench` runs it.
+
 Benchmarks report; they never fail on timing (docs/BENCHMARKS.md). This only keeps bench/ from
 rotting: `bench/run.py --quick` must run every section against the real daemon and emulator,
 print a report with every section and a targets table, stop what it started, and write the
@@ -21,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
 pytestmark = [
+    pytest.mark.bench,  # left out of the default run: `pytest -m bench`
     pytest.mark.integration,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the bench reads /proc"),
 ]
