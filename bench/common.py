@@ -319,7 +319,7 @@ def table(head: list[str], rows: list[list[str]]) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    """One target of issue 6 and what this run measured for it."""
+    """One performance target and what this run measured for it."""
 
     what: str  # "aem-token vs python -c pass"
     target: str  # "≤ x1.30"

@@ -284,4 +284,4 @@ def render(result: dict) -> str:
 
 
 def targets(_result: dict) -> list[Target]:
-    return []  # issue 6 asks for these figures, with no target
+    return []  # figures to report, with no target

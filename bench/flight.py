@@ -1,6 +1,6 @@
 """Single flight: many concurrent requests that all need a new token cost exactly one IMS exchange.
 
-Two cases from issue 6, each with REQUESTS requests fired at once (threads behind a barrier, each
+Two cases, each with REQUESTS requests fired at once (threads behind a barrier, each
 on its own connection, `GET /v1/token` with `Accept: text/plain`):
 
 1. a profile just added (`POST /v1/profiles`), whose first token is still being fetched;

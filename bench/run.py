@@ -1,4 +1,4 @@
-"""Benchmarks: every figure that matters, side by side, against the targets of issue 6.
+"""Benchmarks: every figure that matters, side by side with its baseline, against its target.
 
     python bench/run.py [--quick] [--only SECTION ...] [--write docs/BENCHMARKS.md]
 
@@ -6,8 +6,8 @@ Each section starts what it needs (the IMS emulator, an agent on a private socke
 in a fresh temp dir and stops it again; see bench/common.py. Times are medians with min to max,
 and every target is checked as a ratio to a baseline measured in the same run, because these
 machines are shared and noisy: compare ratios, not absolute numbers across runs. Benchmarks
-report; they never fail on timing. `--quick` is a smoke run (CI runs it so the bench cannot rot):
-its numbers mean nothing.
+report; they never fail on timing. `--quick` is a smoke run (`pytest -m bench` runs it, so the bench
+cannot rot): its numbers mean nothing.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 For each size a fresh agent starts with `serve --config` on a file of N profiles, all backed by
 the emulator's service credential file (`[profiles.pI] file = …`, each with its own host
 `author-pI-eI.adobeaemcloud.com`). The emulator holds every token request DELAY seconds
-(`--exchange-delay`; real IMS takes 100 ms or more) and counts how many it answers at once
+(`--exchange-delay`, as real IMS is slow to answer) and counts how many it answers at once
 (`GET /_emulator/stats`), which shows the agent's cap on concurrent IMS calls.
 
 Measured per size: the time from the agent's start until the config file's profiles are all
@@ -55,7 +55,7 @@ LATENCY, QUICK_LATENCY = 3000, 100  # token requests per kind and agent
 BLOCK, QUICK_BLOCK = 100, 25  # ... in alternating blocks of this many
 CAP = 4  # agent.ims_concurrency: the default, written into the config file to be sure
 LIFETIME = 24 * 3600  # the emulator's tokens, as IMS's
-RSS_TARGET_BYTES = 80_000_000  # issue 6: 80 MB (76.3 MiB)
+RSS_TARGET_BYTES = 80_000_000  # the target: 80 MB (76.3 MiB)
 LATENCY_TARGET = 1.10
 KEYS, QUICK_KEYS = 100, 5  # config profiles with an RSA key each (distinct_keys)
 
@@ -252,10 +252,10 @@ def storm(agent: Agent, n: int, emu: dict, delay: float, fresh_at: float) -> dic
 
 
 def distinct_keys(ctx: Context, emu: dict, n: int) -> dict:
-    """n config profiles, each with an RSA key of its own: loading them is n key checks (about
-    40 ms of CPU each, under the GIL). Does the socket keep answering meanwhile? The emulator knows
-    one service key, so these exchanges fail (invalid signature, no retries): only the load is
-    measured here."""
+    """n config profiles, each with an RSA key of its own: loading them is n key checks (each a
+    long stretch of CPU, under the GIL). Does the socket keep answering meanwhile? The emulator
+    knows one service key, so these exchanges fail (invalid signature, no retries): only the load
+    is measured here."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 

@@ -49,7 +49,7 @@ from common import (
 
 TITLE = "aem-token start-up: the whole process, as pip installs it"
 REPO = Path(__file__).resolve().parent.parent
-TARGET_RATIO = 1.30  # issue 6: aem-token ≤ 1.3 times python -c pass
+TARGET_RATIO = 1.30  # the target: aem-token ≤ 1.3 times python -c pass
 
 
 @dataclass(frozen=True)
