@@ -17,8 +17,7 @@ import pytest
 
 from aemagent import paths
 from aemagent.core import clocks
-from aemagent.daemon import server as daemon
-from aemagent.daemon import unixsocket
+from aemagent.daemon import hardening, unixsocket
 
 UID = os.getuid()
 FALLBACK = f"/tmp/aemagent-{UID}/agent.sock"
@@ -149,18 +148,18 @@ class FakeLibc:
 def test_darwin_denies_debuggers_with_pt_deny_attach_and_linux_is_not_dumpable() -> None:
     """Broken: before, macOS made no call at all (only Linux's prctl)."""
     mac = FakeLibc()
-    daemon.deny_debuggers("darwin", mac)
+    hardening.deny_debuggers("darwin", mac)
     assert mac.calls == [("ptrace", 31, 0, None, 0)]  # PT_DENY_ATTACH, as ssh-agent does
     linux = FakeLibc()
-    daemon.deny_debuggers("linux", linux)
+    hardening.deny_debuggers("linux", linux)
     assert linux.calls == [("prctl", 4, 0, 0, 0, 0)]  # PR_SET_DUMPABLE, 0
     other = FakeLibc()
-    daemon.deny_debuggers("freebsd14", other)
+    hardening.deny_debuggers("freebsd14", other)
     assert other.calls == []
 
 
 def test_a_failed_pt_deny_attach_is_one_warning(caplog: pytest.LogCaptureFixture) -> None:
-    daemon.deny_debuggers("darwin", FakeLibc(result=-1))
+    hardening.deny_debuggers("darwin", FakeLibc(result=-1))
     (record,) = caplog.records
     assert record.getMessage().startswith("ptrace(PT_DENY_ATTACH) failed: ")
 

@@ -24,11 +24,13 @@ from fakes import FakeCredential, FakeIMS, LinkedClock
 
 from aemagent.core.agent import Agent
 from aemagent.daemon import server as daemon
-from aemagent.daemon import unixsocket
+from aemagent.daemon import watch as dirwatch
 from aemagent.daemon.config import Config
-from aemagent.daemon.server import DaemonSettings, Notifier, serve_agent
+from aemagent.daemon.server import DaemonSettings, serve_agent
 from aemagent.daemon.sources import ConfigProfiles
-from aemagent.daemon.unixsocket import DirectoryWatch, identity
+from aemagent.daemon.systemd import Notifier
+from aemagent.daemon.unixsocket import identity
+from aemagent.daemon.watch import DirectoryWatch
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux's")
 
@@ -125,7 +127,7 @@ async def test_an_unavailable_inotify_gives_an_inactive_watch_that_says_why(
             inotify_init1=init1, inotify_add_watch=_failing(errno.ENOSPC)
         ),
     }[case]
-    monkeypatch.setattr(unixsocket, "_libc", lambda: fake)
+    monkeypatch.setattr(dirwatch, "_libc", lambda: fake)
     with DirectoryWatch(str(tmp_path)) as watch:
         assert not watch.active
         assert said in watch.method, watch.method
@@ -183,7 +185,7 @@ async def test_the_socket_watch_wakes_only_for_changes_and_a_removal_stops_it_at
         checks.append(path)
         return identity(path)
 
-    monkeypatch.setattr(daemon, "identity", counting_identity)
+    monkeypatch.setattr(dirwatch, "identity", counting_identity)
     settings = _settings(base, watch_poll_interval=NEVER)
     directory = os.path.dirname(settings.socket_path)
 
@@ -237,7 +239,7 @@ async def test_without_inotify_the_grid_check_still_notices(
     finds the socket gone. Broken: an exception from the watch setup ends the daemon with a
     traceback; a watch that waited on inotify only would never notice."""
     caplog.set_level(logging.DEBUG, logger="aemagent")
-    monkeypatch.setattr(unixsocket, "_libc", types.SimpleNamespace)
+    monkeypatch.setattr(dirwatch, "_libc", types.SimpleNamespace)
     settings = _settings(base, watch_poll_interval=0.5)
     await _serve_until_displaced(settings, os.unlink, within=1.5)
     watching = [r.getMessage() for r in caplog.records if "watching" in r.getMessage()]

@@ -4,16 +4,16 @@ Theory of operation
 -------------------
 `serve_agent` first installs its signal receiver (so a SIGTERM that arrives once the socket
 exists still stops the daemon cleanly), takes the lifetime lock, binds the socket (unixsocket.py)
-or takes the one systemd passed (socket activation), starts the `Agent`, and reports ready only
-once the socket accepts. Under one nursery then run:
+or takes the one systemd passed (socket activation, systemd.py), starts the `Agent`, and reports
+ready only once the socket accepts. Under one nursery then run:
 
 * the accept loop, which holds a slot of the connection cap before each `accept` (excess clients
   wait in the kernel's backlog) and checks the peer's uid before reading a byte;
 * the signal watcher (SIGTERM/SIGINT stop, SIGHUP reloads);
-* the socket watcher: if the socket file is removed or replaced, another daemon (or a restarted
-  systemd socket unit) owns the path now, and we exit 0 so a service manager does not fight it
-  (gpg-agent does the same). It wakes when the socket's directory changes (inotify, on Linux:
-  within milliseconds) and otherwise only on the one-minute grid the agent's timers share
+* the socket watcher (watch.py): if the socket file is removed or replaced, another daemon (or a
+  restarted systemd socket unit) owns the path now, and we exit 0 so a service manager does not
+  fight it (gpg-agent does the same). It wakes when the socket's directory changes (inotify, on
+  Linux: at once) and otherwise only on the one-minute grid the agent's timers share
   (`clocks.on_grid`), the only check where inotify is unavailable (within a minute);
 * under systemd (`$NOTIFY_SOCKET`), the status reporter: `STATUS=` with the profile count,
   recomputed on that same grid and after requests, at most once a second.
@@ -23,23 +23,20 @@ An idle daemon thus wakes once a minute, for every timer at once.
 Stopping: `STOPPING=1`, stop accepting, remove the socket (if it is still ours and we bound it:
 an activated socket belongs to systemd), give connections in flight a short grace period, cancel
 the rest. Nothing is written to disk but the socket and its lock.
+
+`run` is `aemagent serve`: it hardens the process first (hardening.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
-import resource
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import trio
 
@@ -48,18 +45,19 @@ from aemagent.core.agent import Agent
 from aemagent.core.clocks import Clock, SystemClock, on_grid
 from aemagent.daemon.api import AgentAPI
 from aemagent.daemon.config import Config
+from aemagent.daemon.hardening import harden_process
 from aemagent.daemon.httpserver import Limits, Request, Response, SocketIO, serve_http
 from aemagent.daemon.sources import ConfigProfiles
+from aemagent.daemon.systemd import Notifier, inherited_socket
 from aemagent.daemon.unixsocket import (
     AlreadyRunning,
-    DirectoryWatch,
     LifetimeLock,
     bind_socket,
     ensure_private_dir,
     identity,
-    inherited_socket,
     peer_uid,
 )
+from aemagent.daemon.watch import until_displaced
 from aemagent.errors import AemAgentError
 from aemagent.ims.client import IMSClient
 
@@ -109,31 +107,6 @@ class DaemonSettings:
         if path != self.socket_path:
             log.info("socket activation: serving on %s (not %s)", path, self.socket_path)
         return replace(self, socket_path=path, listener=listener, notify_socket=notify)
-
-
-class Notifier:
-    """sd_notify(3) without libsystemd: one datagram per message; nothing without an address."""
-
-    def __init__(self, address: str | None) -> None:
-        self.address = address
-
-    def __bool__(self) -> bool:
-        return self.address is not None
-
-    def send(self, message: str) -> None:
-        if self.address is None:
-            return
-        address = self.address
-        if address.startswith("@"):  # an abstract socket
-            address = "\0" + address[1:]
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                # A manager that does not read its queue must not stall the daemon.
-                s.setblocking(False)
-                s.connect(address)
-                s.sendall(message.encode())
-        except OSError as exc:
-            log.warning("cannot notify the service manager: %s", exc.strerror or exc)
 
 
 class _Server:
@@ -274,32 +247,8 @@ class _Server:
                 await trio.sleep_until(computed + _STATUS_MIN_GAP)
 
     async def watch_socket(self, path: str, ours: tuple[int, int]) -> None:
-        """Stop, as displaced, once the socket file is no longer ours: removed, or replaced by
-        another agent's or systemd's. Checked whenever its directory changes (inotify: at once)
-        and on the one-minute grid the agent's timers share (the only check without inotify),
-        so an idle daemon never wakes for it at an instant of its own."""
-        period = self.settings.watch_poll_interval
-        with DirectoryWatch(os.path.dirname(path)) as directory:
-            if directory.active:
-                log.debug("watching %s: inotify, and a check every %g s", path, period)
-            else:
-                log.debug("watching %s: a check every %g s (%s)", path, period, directory.method)
-            changed = trio.lowlevel.ParkingLot()
-
-            async def forward_changes() -> None:
-                # Its own task, so the grid's check never cancels (re-arms) the inotify wait.
-                while True:
-                    await directory.changes()
-                    changed.unpark_all()
-
-            async with trio.open_nursery() as nursery:
-                if directory.active:
-                    nursery.start_soon(forward_changes)
-                # At once first: the file may have changed before the watch began.
-                while identity(path) == ours:
-                    with trio.move_on_at(on_grid(trio.current_time(), period, period)):
-                        await changed.park()
-                nursery.cancel_scope.cancel()
+        """Stop, as displaced, once the socket file is no longer ours (watch.py)."""
+        await until_displaced(path, ours, self.settings.watch_poll_interval)
         log.warning("socket %s was removed or replaced: another agent owns it; exiting", path)
         self.displaced = True
         self.request_stop()
@@ -428,43 +377,6 @@ def _one_line(exc: BaseException) -> str:
         return "; ".join(_one_line(e) for e in exc.exceptions)
     kind = type(exc)
     return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
-
-
-# ptrace(2) on macOS: "deny future attaches", as ssh-agent does (platform_disable_tracing).
-_PT_DENY_ATTACH = 31
-# prctl(2) on Linux.
-_PR_SET_DUMPABLE = 4
-
-
-def deny_debuggers(platform: str | None = None, libc: Any = None) -> None:
-    """Keep other processes of the user out of our memory: PR_SET_DUMPABLE 0 on Linux (no
-    ptrace, /proc/PID/mem and environ root's), PT_DENY_ATTACH on macOS (no debugger attaches,
-    no task port for others). `platform` and `libc` are there for tests."""
-    platform = platform or sys.platform
-    if platform.startswith("linux"):
-        libc = libc or ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_DUMPABLE, 0) failed: %s", os.strerror(ctypes.get_errno()))
-    elif platform == "darwin":
-        libc = libc or ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        if libc.ptrace(_PT_DENY_ATTACH, 0, None, 0) != 0:
-            log.warning("ptrace(PT_DENY_ATTACH) failed: %s", os.strerror(ctypes.get_errno()))
-
-
-def harden_process(platform: str | None = None, libc: Any = None) -> None:
-    """No core dumps, not ptrace-able by other processes of the user, enough file descriptors."""
-    platform = platform or sys.platform
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    deny_debuggers(platform, libc)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 65536
-    if platform == "darwin":  # pragma: no cover - macOS caps at OPEN_MAX
-        target = min(target, 10240)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-files limit from %d: %s", soft, exc)
 
 
 def run(settings: DaemonSettings) -> int:

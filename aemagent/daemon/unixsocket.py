@@ -8,12 +8,13 @@
 * The socket is bound under a temporary name, listens, and only then is renamed into place, so
   the path never names a socket that refuses connections. An existing socket is replaced only
   when connecting to it is refused (stale; on macOS, which also refuses when a live listener's
-  backlog is full, refused again over ~100 ms); one that accepts belongs to a listener that holds
-  no lock, such as a systemd socket unit, and is left alone.
-* Under socket activation (sd_listen_fds(3)) systemd binds the socket; `inherited_socket` takes
-  it from fd 3 and names its path, so that the lock and the displacement check still apply.
-* `DirectoryWatch` wakes the displacement check when an entry of the socket's directory changes
-  (inotify(7) on Linux), so that check costs nothing while nothing happens.
+  backlog is full, refused a few times over a moment); one that accepts belongs to a listener
+  that holds no lock, such as a systemd socket unit, and is left alone.
+* `peer_uid` names the user at the other end of a connection, which the server checks before
+  reading a byte.
+
+Socket activation (systemd binds the socket) is in systemd.py, the watch that notices the socket
+file removed or replaced in watch.py.
 """
 
 from __future__ import annotations
@@ -28,24 +29,17 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import MutableMapping
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING
 
 from aemagent.errors import SocketDirError
 from aemagent.paths import lock_path
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
     import trio
 
 # Linux allows 108 bytes in sun_path (107 plus NUL), macOS 104.
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 LISTEN_BACKLOG = 1024
-
-
-# sd_listen_fds(3): inherited sockets start at this descriptor.
-SD_LISTEN_FDS_START = 3
 
 
 class AlreadyRunning(Exception):
@@ -182,160 +176,6 @@ def identity(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-# inotify(7): the changes in the socket's directory that wake the displacement check: an entry
-# created, removed or renamed (a socket renamed into place is IN_MOVED_TO) or its attributes
-# changed, and the directory itself removed or renamed. IN_ONLYDIR: a directory or nothing.
-_IN_ATTRIB, _IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE = 0x4, 0x40, 0x80, 0x100
-_IN_DELETE, _IN_DELETE_SELF, _IN_MOVE_SELF = 0x200, 0x400, 0x800
-_IN_IGNORED, _IN_ONLYDIR = 0x8000, 0x01000000
-_WATCH_MASK = (
-    _IN_CREATE
-    | _IN_DELETE
-    | _IN_MOVED_FROM
-    | _IN_MOVED_TO
-    | _IN_DELETE_SELF
-    | _IN_MOVE_SELF
-    | _IN_ATTRIB
-    | _IN_ONLYDIR
-)
-_INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then `len` bytes of name
-# The inotify errors that are a limit someone may want to raise, named for the debug line.
-_INOTIFY_LIMITS = {
-    ("inotify_init1", errno.EMFILE): "fs.inotify.max_user_instances or the open-files limit",
-    ("inotify_add_watch", errno.ENOSPC): "fs.inotify.max_user_watches",
-}
-
-
-class DirectoryWatch:
-    """Wakes its owner when an entry of `directory` changes: inotify(7) on Linux.
-
-    `changes()` returns after one or more changes (the caller then checks what it cares about:
-    it is also woken for changes it does not care about). Where no watch could be set up (not
-    Linux; ENOSYS, EPERM from a seccomp filter, EMFILE or ENOSPC at one of inotify's limits) or
-    once it has ended (the directory removed: one last wake-up, then IN_IGNORED), `active` is
-    False and `changes()` never returns: the caller's own periodic check is all there is. Nothing
-    here raises for inotify's sake; `method` says in words what watches. Leaving the `with`
-    block closes the descriptor.
-    """
-
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
-        self._fd: int | None = None
-        if not sys.platform.startswith("linux"):
-            self.method = "no inotify on this system"
-            return
-        try:
-            self._fd = _inotify_watch(directory)
-        except OSError as exc:
-            self.method = f"inotify unavailable: {exc.strerror or exc}"
-        else:
-            self.method = "inotify"
-
-    @property
-    def active(self) -> bool:
-        return self._fd is not None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def changes(self) -> None:
-        """Return once something in the directory changed; never, without a watch."""
-        import trio
-
-        while (fd := self._fd) is not None:
-            try:
-                await trio.lowlevel.wait_readable(fd)
-            except (OSError, trio.ClosedResourceError) as exc:  # closed meanwhile, or broken
-                self._end(f"inotify failed: {exc}")
-                continue
-            if self._drain(fd):
-                return
-        await trio.sleep_forever()
-
-    def _drain(self, fd: int) -> bool:
-        """Read every queued event; whether there was any. IN_IGNORED ends the watch."""
-        seen = False
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except BlockingIOError:
-                return seen
-            except OSError as exc:
-                self._end(f"inotify failed: {exc.strerror or exc}")
-                return True
-            if not data:  # never for inotify; here so that a surprise cannot spin
-                self._end("inotify read nothing")
-                return True
-            seen = True
-            offset = 0
-            while offset + _INOTIFY_EVENT.size <= len(data):
-                _wd, mask, _cookie, length = _INOTIFY_EVENT.unpack_from(data, offset)
-                offset += _INOTIFY_EVENT.size + length
-                if mask & _IN_IGNORED:  # the directory is gone (or the watch was removed)
-                    self._end("the inotify watch ended")
-                    return True
-
-    def _end(self, why: str) -> None:
-        self.method = why
-        self.close()
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is None:
-            return
-        if "trio" in sys.modules:
-            import trio
-
-            with contextlib.suppress(RuntimeError):  # outside trio.run: nobody can be waiting
-                trio.lowlevel.notify_closing(fd)
-        os.close(fd)
-
-
-def _libc() -> Any:
-    """The C library, already loaded in the process (a function, so tests can replace it)."""
-    import ctypes  # here: only the daemon watches, and ctypes would slow every CLI's import
-
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _inotify_watch(directory: str) -> int:
-    """A non-blocking inotify descriptor watching `directory`, or OSError."""
-    import ctypes
-
-    try:
-        libc = _libc()
-        init1, add_watch = libc.inotify_init1, libc.inotify_add_watch
-    except (OSError, AttributeError) as exc:
-        raise OSError(errno.ENOSYS, f"no inotify in the C library ({exc})") from None
-    init1.argtypes = (ctypes.c_int,)
-    add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
-    fd = int(init1(os.O_NONBLOCK | os.O_CLOEXEC))  # IN_NONBLOCK, IN_CLOEXEC are these by definition
-    if fd < 0:
-        raise _inotify_error("inotify_init1")
-    if add_watch(fd, os.fsencode(directory), _WATCH_MASK) < 0:
-        error = _inotify_error("inotify_add_watch")
-        os.close(fd)
-        raise error
-    return fd
-
-
-def _inotify_error(call: str) -> OSError:
-    import ctypes
-
-    code = ctypes.get_errno()
-    limit = _INOTIFY_LIMITS.get((call, code))
-    text = f"{call}: {os.strerror(code)}" + (f" ({limit})" if limit else "")
-    return OSError(code, text)
-
-
 async def bind_socket(path: str) -> tuple[trio.socket.SocketType, tuple[int, int]]:
     """Bind, listen, then rename into place; returns the socket and the file's identity."""
     directory = os.path.dirname(path) or "."
@@ -402,8 +242,8 @@ def _cannot(step: str, exc: OSError) -> SocketDirError:
 
 
 # macOS refuses a connection (ECONNREFUSED) when the listener's backlog is full, where Linux
-# says EAGAIN: there a refusal is asked again this many times, this far apart (~100 ms in all),
-# before the socket counts as stale.
+# says EAGAIN: there a refusal is asked again this many times, this far apart, before the socket
+# counts as stale.
 _DARWIN_REFUSED_RETRIES, _DARWIN_REFUSED_PAUSE = 5, 0.02
 
 
@@ -439,60 +279,6 @@ def _connect_once(path: str) -> bool | None:
                 " or choose another --socket path"
             ) from None
     return True
-
-
-def inherited_socket(environ: MutableMapping[str, str] | None = None) -> socket.socket | None:
-    """The listening socket a service manager passed us (sd_listen_fds(3)), or None.
-
-    Takes fd 3 when `LISTEN_PID` is our PID and `LISTEN_FDS` is 1, checks that it is a listening
-    AF_UNIX stream socket bound to an absolute path, and marks it close-on-exec. The variables are
-    removed either way, so children (a profile's `command`) never see them.
-    """
-    env = os.environ if environ is None else environ
-    pid, count = env.pop("LISTEN_PID", None), env.pop("LISTEN_FDS", None)
-    env.pop("LISTEN_FDNAMES", None)
-    if pid is None or count is None:
-        return None
-    if pid.strip() != str(os.getpid()):
-        return None  # meant for another process (the one that exec'd us, say)
-    if count.strip() != "1":
-        raise SocketDirError(
-            f"socket activation passed LISTEN_FDS={count} sockets; aemagent serves exactly one"
-            " (one ListenStream= in aemagent.socket)"
-        )
-    fd = SD_LISTEN_FDS_START
-    try:
-        sock = socket.socket(fileno=fd)  # Linux reads family and type from the descriptor
-    except OSError as exc:
-        raise SocketDirError(
-            f"socket activation: descriptor {fd} is not a socket ({exc.strerror})"
-        ) from None
-    sock.set_inheritable(False)
-    problem = _unusable(sock)
-    if problem:
-        sock.close()
-        raise SocketDirError(f"socket activation: descriptor {fd} is {problem}")
-    return sock
-
-
-def _unusable(sock: socket.socket) -> str:
-    """What makes an inherited socket unfit to serve on, or '' if nothing."""
-    if sock.family != socket.AF_UNIX:
-        family = getattr(sock.family, "name", sock.family)
-        return f"a {family} socket, not AF_UNIX (ListenStream= needs a path)"
-    if sock.type != socket.SOCK_STREAM:
-        kind = getattr(sock.type, "name", sock.type)
-        return f"a {kind} socket, not SOCK_STREAM (use ListenStream=)"
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        return "a socket that does not listen (aemagent.socket needs Accept=no)"
-    name = sock.getsockname()
-    if not isinstance(name, str) or not name.startswith("/"):
-        # The lock lives next to the socket file, and the displacement check watches it.
-        return (
-            f"bound to {name!r}, not to an absolute path in the file system; aemagent needs a"
-            " socket file"
-        )
-    return ""
 
 
 # <sys/ucred.h>: struct xucred { u_int cr_version; uid_t cr_uid; short cr_ngroups;
