@@ -16,6 +16,7 @@ from keys import key_pair, service_json
 from aemagent.core.agent import Agent
 from aemagent.daemon.config import Config, ProfileSource, load_config, parse_config, save_profile
 from aemagent.daemon.sources import ConfigProfiles, read_source
+from aemagent.daemon.views import describe
 from aemagent.errors import ConfigError, UnavailableError
 
 
@@ -194,7 +195,7 @@ async def test_a_source_that_fails_shows_its_error_and_refresh_retries(tmp_path)
     async with agent_with_config(tmp_path, text) as (agent, profiles, _path, _ims):
         profile = agent.resolve("locked")
         assert profile.state(agent.now()) == "unloaded"
-        assert "the vault is locked" in agent.describe(profile)["last_error"]
+        assert "the vault is locked" in describe(profile, agent.now())["last_error"]
         with pytest.raises(UnavailableError, match="the vault is locked.*aemagent refresh locked"):
             await agent.token(name="locked")
         flag.touch()
@@ -240,7 +241,7 @@ def test_save_removes_temporaries_of_killed_saves(tmp_path):
 async def test_keys_are_parsed_once_per_distinct_bytes_and_not_again_on_reload(
     tmp_path, monkeypatch
 ):
-    """Checking an RSA key costs ~40 ms of CPU. Profiles reading the same bytes parse them once,
+    """Checking an RSA key costs real CPU time. Profiles reading the same bytes parse them once,
     a reload whose bytes did not change parses nothing, changed bytes are parsed again, and no
     credential outlives its profile in the cache. Broken: one parse per profile and reload."""
     import aemagent.daemon.sources
