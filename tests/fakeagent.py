@@ -1,19 +1,19 @@
 """A fake aemagent for the client tests: a threaded Unix-socket HTTP server with canned answers.
 
-Standard library only, so it also runs standalone (for benchmarks):
+The server is standard library only, so it also runs standalone (for benchmarks):
 
     python tests/fakeagent.py /tmp/x/agent.sock [TOKEN]
 
 It records every request (`FakeAgent.requests`) and answers each with a `Canned` answer, or with
 what a function of the request returns. A `Canned` with `raw` set sends those bytes verbatim, to
 feed the client garbage, truncated or oversized answers. `FakeProfiles` is such a function that
-behaves like the agent's token and forced-refresh endpoints, for the git and Python clients.
+behaves like the agent's token and forced-refresh endpoints, for the git and Python clients; it
+chooses profiles with the agent's own `ProfileTable` (imported when one is made).
 """
 
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import hashlib
 import json
 import shutil
@@ -27,7 +27,10 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import TYPE_CHECKING, Self
+
+if TYPE_CHECKING:
+    from aemagent.core.profiles import Profile
 
 
 @dataclass
@@ -96,7 +99,9 @@ def token_answer(token: str = "eyJ.tok.en", **extra: object) -> Callable[[Record
 
 @dataclass
 class FakeProfile:
-    """One profile of `FakeProfiles`; `token` changes on every refresh."""
+    """One profile of `FakeProfiles`; `token` changes on every refresh.
+
+    `hosts` are the patterns given with --host, `derived` those the credential implies."""
 
     name: str
     hosts: tuple[str, ...] = ()
@@ -107,52 +112,97 @@ class FakeProfile:
     expires_at: int = 1_900_000_000
     refreshes: int = 0
     forced_at: float | None = None
+    default: bool = False
+    derived: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class _Credential:
+    """A `FakeProfile` as the agent's `Credential` protocol, for its `ProfileTable`."""
+
+    profile: FakeProfile
+    kind = "service"
+    refreshable = True
+    certificate_expires_at = None
+
+    @property
+    def client_id(self) -> str:
+        return self.profile.client_id or ""
+
+    @property
+    def org_id(self) -> str | None:
+        return self.profile.org_id
+
+    @property
+    def technical_account_id(self) -> str | None:
+        return self.profile.account
+
+    @property
+    def digest(self) -> str:
+        return f"fake-{self.profile.name}"
+
+    def default_name(self) -> str:
+        return self.profile.name
+
+    def derived_hosts(self) -> tuple[str, ...]:
+        return self.profile.derived
 
 
 class FakeProfiles:
     """The agent's `GET /v1/token` and `POST /v1/profiles/{name}/refresh`, in memory.
 
-    Profile choice as CONTRACT.md says (profile, else url's host against the patterns, else the
-    only profile); a refresh with `{"if_current": sha256}` happens only if that is the current
+    The profile is chosen by the agent's own `ProfileTable`: by name, else by the url's host
+    (--host patterns before derived ones), else the default or the only profile, with the
+    agent's errors. A refresh with `{"if_current": sha256}` happens only if that is the current
     token and no forced refresh happened in the last `FORCED_INTERVAL` seconds.
     """
 
     FORCED_INTERVAL = 60.0
 
     def __init__(self, *profiles: FakeProfile) -> None:
+        from aemagent.core.policy import PolicySettings, Schedule
+        from aemagent.core.profiles import Profile, ProfileTable
+
         self.profiles = {p.name: p for p in profiles}
+        self.table = ProfileTable()
+        for generation, fake in enumerate(profiles, 1):
+            profile = Profile(
+                name=fake.name,
+                credential=_Credential(fake),
+                generation=generation,
+                schedule=Schedule(PolicySettings(), refreshable=True),
+                hosts=fake.hosts,
+            )
+            self.table.put(profile, default=fake.default)
         self.clock = time.monotonic
+        self._lock = threading.Lock()  # requests are served on threads; the table is not shared
 
     def __call__(self, request: Recorded) -> Canned:
         path, _, query = request.target.partition("?")
         params = dict(urllib.parse.parse_qsl(query))
         parts = path.split("/")
-        if request.method == "GET" and path == "/v1/token":
-            return self._token(request, params)
-        refresh = len(parts) == 5 and parts[:3] == ["", "v1", "profiles"] and parts[4] == "refresh"
-        if request.method == "POST" and refresh:
-            return self._refresh(urllib.parse.unquote(parts[3]), request.body)
+        with self._lock:
+            if request.method == "GET" and path == "/v1/token":
+                return self._token(request, params)
+            refresh = (
+                len(parts) == 5 and parts[:3] == ["", "v1", "profiles"] and parts[4] == "refresh"
+            )
+            if request.method == "POST" and refresh:
+                return self._refresh(urllib.parse.unquote(parts[3]), request.body)
         return error(404, "not_found", f"no such endpoint: {path}")
 
+    def _resolve(self, name: str | None = None, url: str | None = None) -> FakeProfile | Canned:
+        """As the agent resolves, and answers its errors as the agent's API does."""
+        from aemagent.errors import AemAgentError
+
+        try:
+            profile: Profile = self.table.resolve(name, url)
+        except AemAgentError as exc:
+            return error(exc.status, exc.code, str(exc))
+        return self.profiles[profile.name]
+
     def _choose(self, params: dict[str, str]) -> FakeProfile | Canned:
-        if "profile" in params:
-            found = self.profiles.get(params["profile"])
-            return found or error(404, "not_found", f"no profile named {params['profile']}")
-        if "url" in params:
-            host = urllib.parse.urlsplit(params["url"]).hostname or ""
-            matches = [
-                p
-                for p in self.profiles.values()
-                if any(fnmatch.fnmatchcase(host, h) for h in p.hosts)
-            ]
-        else:
-            matches = list(self.profiles.values())
-        if not matches:
-            return error(404, "not_found", "no profile matches host")
-        if len(matches) > 1:
-            names = ", ".join(p.name for p in matches)
-            return error(409, "ambiguous", f"several profiles match: {names}")
-        return matches[0]
+        return self._resolve(params.get("profile") or None, params.get("url") or None)
 
     def _token(self, request: Recorded, params: dict[str, str]) -> Canned:
         profile = self._choose(params)
@@ -175,9 +225,9 @@ class FakeProfiles:
         )
 
     def _refresh(self, name: str, body: bytes) -> Canned:
-        profile = self.profiles.get(name)
-        if profile is None:
-            return error(404, "not_found", f"no profile named {name}")
+        profile = self._resolve(name)
+        if isinstance(profile, Canned):
+            return profile
         refresh = True
         if body:
             held = json.loads(body)["if_current"]
