@@ -11,7 +11,7 @@ sleeps, reads a clock or touches the network, so every rule below is tested with
   or whose wall clock jumped forward never serves an expired token.
 * A refreshable token is renewed once its remaining time drops below `refresh_margin`: a quarter
   of its lifetime plus a few percent of jitter drawn once per token, so many profiles fetched at
-  the same moment do not all refresh at the same moment (LESSONS.md 9).
+  the same moment do not all refresh at the same moment (no refresh storms at IMS).
 * Transient failures back off exponentially with full jitter (a floor of `backoff_initial`, up to
   `backoff_max`), never sooner than IMS's `Retry-After`. Retry times live on the boot clock, which
   never goes backwards. Permanent failures block automatic refreshes until a manual one.
