@@ -1,4 +1,7 @@
-"""The profiles the agent holds, and their tokens.
+"""The profiles the agent holds, and their tokens: the lifecycle (add, serve, refresh, forget).
+
+Which profile a request is for is `core.profiles.ProfileTable`'s job; what the agent tells a
+caller who gets no token, and logs of a profile's tokens, is `core.messages`'s.
 
 Theory of operation
 -------------------
