@@ -206,7 +206,7 @@ def test_pinned_profile_that_does_not_exist_says_so(fake, helper_run):
         "get", attrs(protocol="https", host="x.example"), "-p", "gone", sock=fake.path
     )
     assert (code, out) == (3, "")
-    assert err == "git-credential-aemagent: no profile named gone\n"
+    assert err == "git-credential-aemagent: no profile named gone; profiles: other, p1-e2\n"
 
 
 @pytest.mark.parametrize(
