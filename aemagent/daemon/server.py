@@ -50,7 +50,6 @@ from aemagent.daemon.httpserver import Limits, Request, Response, SocketIO, serv
 from aemagent.daemon.sources import ConfigProfiles
 from aemagent.daemon.systemd import Notifier, inherited_socket
 from aemagent.daemon.unixsocket import (
-    AlreadyRunning,
     LifetimeLock,
     bind_socket,
     ensure_private_dir,
@@ -58,7 +57,7 @@ from aemagent.daemon.unixsocket import (
     peer_uid,
 )
 from aemagent.daemon.watch import until_displaced
-from aemagent.errors import AemAgentError
+from aemagent.errors import AemAgentError, AlreadyRunning
 from aemagent.ims.client import IMSClient
 
 log = logging.getLogger("aemagent.daemon")

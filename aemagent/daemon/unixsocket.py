@@ -31,7 +31,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from aemagent.errors import SocketDirError
+from aemagent.errors import AlreadyRunning, SocketDirError
 from aemagent.paths import lock_path
 
 if TYPE_CHECKING:
@@ -40,15 +40,6 @@ if TYPE_CHECKING:
 # Linux allows 108 bytes in sun_path (107 plus NUL), macOS 104.
 MAX_SOCKET_PATH = 103 if sys.platform == "darwin" else 107
 LISTEN_BACKLOG = 1024
-
-
-class AlreadyRunning(Exception):
-    """Another live daemon holds the lock for this socket path, or something else listens there."""
-
-    def __init__(self, path: str, pid: int | None, *, who: str | None = None) -> None:
-        self.path, self.pid = path, pid
-        who = who or (f"an agent (pid {pid})" if pid else "an agent (another process)")
-        super().__init__(f"{who} already serves {path}")
 
 
 def _owner_name(uid: int) -> str:
