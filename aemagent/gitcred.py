@@ -1,8 +1,8 @@
 """git's credential-helper protocol: `git-credential-aemagent` and `aem-token get|store|erase`.
 
-`git config credential.helper aemagent` runs `git-credential-aemagent [OPTIONS] ACTION`, with
-git's attributes as key=value lines on stdin up to a blank line. What git does with a helper,
-checked against real git (tests/test_git.py): it shows the helper's stderr to the user, ignores
+`git config credential.helper aemagent` runs `git-credential-aemagent [OPTIONS] ACTION`, with git's
+attributes as key=value lines on stdin up to a blank line. What git does with a helper, checked
+against real git (tests/integration/test_git.py): it shows the helper's stderr to the user, ignores
 its exit status, and USES whatever it printed on stdout even when it exits non-zero; so on any
 failure stdout stays empty. A host we do not serve gets no output and exit 0, so git asks the next
 helper. When no agent answers, we cannot tell whether the host is ours: we stay quiet (exit 0)

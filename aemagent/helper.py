@@ -2,13 +2,13 @@
 
 It runs inside `$(aem-token)` in every script, so it must start fast: the plain-token path
 (`--format token` and `header`) imports only `_socket` and this package's `paths`, `wire` and
-`errors` on top of what the interpreter loads anyway. No argparse, no json, no re: the arguments
-are parsed by hand. The agent's JSON answers (`--format json|headers|env`, errors) are decoded by
+`errors` on top of what the interpreter loads anyway. No argparse, no json, no re: the arguments are
+parsed by hand. The agent's JSON answers (`--format json|headers|env`, errors) are decoded by
 `wire.flat_json` and encoded by `_json_dumps`, so `json` (expensive to import, with the `re` and
-`enum` it pulls in) is loaded only for an answer outside that simple shape. tests/test_helper.py
-checks what each path imports. The commands are the two-line scripts in bin/, which the wheel
-ships as they are: the console-script wrapper older pips write imports `re`
-(tests/test_helper_scripts.py, bench/startup.py).
+`enum` it pulls in) is loaded only for an answer outside that simple shape.
+tests/unit/test_helper.py checks what each path imports. The commands are the two-line scripts in
+bin/, which the wheel ships as they are: the console-script wrapper older pips write imports `re`
+(tests/unit/test_helper_scripts.py, bench/startup.py).
 
 On success only the requested output goes to stdout, in one write, and the exit code is 0; on
 failure nothing goes to stdout, one line goes to stderr, and the exit code is one of

@@ -86,7 +86,7 @@ def flat_json(data: bytes) -> dict[str, object] | None:
     Handles one JSON object whose keys and values are strings without escapes (printable ASCII),
     integers, booleans or null: every token and error answer of the agent. For anything else it
     returns None and the caller uses `json.loads`; what it does decode, it decodes exactly as
-    `json.loads` would (tests/test_wire.py checks this against `json` with hypothesis).
+    `json.loads` would (tests/unit/test_wire.py checks this against `json` with hypothesis).
     """
     try:
         s = data.decode("ascii")

@@ -25,7 +25,7 @@ import pytest
 
 from aemagent.cli import service
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(
     ANALYZE is None, reason="systemd-analyze (Debian package systemd) is not installed"

@@ -16,7 +16,7 @@ import pytest
 
 from aemagent import __version__
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {"aem-token": "main", "git-credential-aemagent": "git_main"}
 MODULES = {"aem-token": "aemagent.helper", "git-credential-aemagent": "aemagent.gitcred"}
 

@@ -171,7 +171,7 @@ def test_version(run):
     assert run("--version") == (0, f"aem-token {__version__}\n", "")
 
 
-# git mode (`aem-token get|store|erase`) is tested in tests/test_git.py.
+# git mode (`aem-token get|store|erase`) is tested in tests/integration/test_git.py.
 
 
 # --- formats -----------------------------------------------------------------------------------

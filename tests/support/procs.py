@@ -165,6 +165,15 @@ class AgentProcess:
         return self.proc.returncode
 
 
+def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll `condition` until it is true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g} s for {what}")
+        time.sleep(0.02)
+
+
 def wait_for_agent(
     sock: str, proc: subprocess.Popen[Any] | None = None, timeout: float = 20.0
 ) -> int:
@@ -204,7 +213,7 @@ def agent(directory: Path, *args: str, env: dict[str, str] | None = None) -> Ite
         shutil.rmtree(sockdir, ignore_errors=True)
 
 
-# ---- daemons with options, other users, leftovers (used by tests/test_daemon.py)
+# ---- daemons with options, other users, leftovers (used by tests/integration/test_daemon.py)
 
 
 @contextlib.contextmanager

@@ -20,12 +20,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import procs
 import pytest
+from procs import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -52,14 +53,6 @@ def fast_agent(
     config = write_config(directory / "config.toml", **{**FAST, **settings})
     with procs.agent(directory, "--config", str(config), env=env) as agent:
         yield agent
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}")
-        time.sleep(0.05)
 
 
 def git_erase(agent: procs.AgentProcess, token: str) -> subprocess.CompletedProcess[str]:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import procs
 import pytest
+from procs import wait_for
 
 from aemagent.cli.launch import agent_pid
 from aemagent.daemon.unixsocket import lock_is_held
@@ -89,18 +90,10 @@ def activated(
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
     try:
         if not listen.startswith("@"):
-            _wait_for(lambda: os.path.exists(listen), 10, f"the activator to bind {listen}")
+            wait_for(lambda: os.path.exists(listen), 10, f"the activator to bind {listen}")
         yield proc
     finally:
         procs._stop(proc, signal.SIGKILL)
-
-
-def _wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}")
-        time.sleep(0.02)
 
 
 def _alive(pid: int) -> bool:
@@ -255,7 +248,7 @@ def test_an_unusable_inherited_socket_is_refused_in_one_line(base: Path, case: s
             kind = socket.SOCK_DGRAM if case == "datagram" else socket.SOCK_STREAM
             with socket.socket(socket.AF_UNIX, kind) as client:
                 # An abstract address has no file to wait for: retry until it is bound.
-                _wait_for(lambda: client.connect_ex(address) == 0, 10, f"the activator on {listen}")
+                wait_for(lambda: client.connect_ex(address) == 0, 10, f"the activator on {listen}")
                 if case == "datagram":
                     client.send(b"wake up")
                 status = notes.wait_for(lambda m: m.startswith("STATUS="))
@@ -289,7 +282,7 @@ def test_systemd_taking_the_path_displaces_a_started_agent_and_serve_yields(base
     old = int(re.findall(r"AEMAGENT_PID=(\d+);", started.stdout)[0])
     log = base / "activated.log"
     with activated(sock, log) as proc:
-        _wait_for(lambda: not _alive(old), DISPLACED_WITHIN, "the displaced agent to exit")
+        wait_for(lambda: not _alive(old), DISPLACED_WITHIN, "the displaced agent to exit")
         old_log = (home / "state" / "aemagent" / "agent.log").read_text()
         assert "removed or replaced" in old_log
         assert os.path.exists(sock)  # systemd's file: the displaced agent left it alone

@@ -27,12 +27,13 @@ import sys
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import procs
 import pytest
+from procs import wait_for
 
 from aemagent.cli.launch import agent_pid
 from aemagent.core.logs import fingerprint
@@ -49,14 +50,6 @@ MAX_BODY = 1024 * 1024  # the daemon's and the CLI's limit on a request body / a
 
 
 # ---- helpers
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}")
-        time.sleep(0.02)
 
 
 def one_line(text: str) -> str:

@@ -418,7 +418,7 @@ async def test_async_httpx_auth_refreshes_a_revoked_token(loaded, ims):
 
 # --- the examples in docs/CALLERS.md, run as written ---------------------------------------------
 
-CALLERS = Path(__file__).parent.parent / "docs" / "CALLERS.md"
+CALLERS = Path(__file__).resolve().parents[2] / "docs" / "CALLERS.md"
 EXAMPLE_HOST = "https://author-p12345-e67890.adobeaemcloud.com"
 
 

@@ -2,7 +2,7 @@
 
 The server is standard library only, so it also runs standalone (for benchmarks):
 
-    python tests/fakeagent.py /tmp/x/agent.sock [TOKEN]
+    python tests/support/fakeagent.py /tmp/x/agent.sock [TOKEN]
 
 It records every request (`FakeAgent.requests`) and answers each with a `Canned` answer, or with
 what a function of the request returns. A `Canned` with `raw` set sends those bytes verbatim, to
@@ -344,7 +344,7 @@ def _read_request(conn: socket.socket) -> Recorded:
 
 def _main(argv: list[str]) -> int:
     if not 1 <= len(argv) <= 2:
-        print("usage: python tests/fakeagent.py SOCKET_PATH [TOKEN]", file=sys.stderr)
+        print("usage: python tests/support/fakeagent.py SOCKET_PATH [TOKEN]", file=sys.stderr)
         return 64
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "aemagent"
+PACKAGE = Path(__file__).resolve().parents[2] / "aemagent"
 SUBPACKAGES = sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists())
 TOP_LEVEL = sorted(p for p in PACKAGE.glob("*.py"))
 THIRD_PARTY_OK = {"httpx_auth.py": {"httpx"}}

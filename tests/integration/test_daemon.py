@@ -26,11 +26,11 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import procs
 import pytest
+from procs import wait_for
 
 from aemagent.cli.launch import agent_pid
 from aemagent.core.logs import fingerprint
@@ -106,20 +106,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}")
-        time.sleep(0.02)
-
-
 def _stop_started(sock: str, env: dict[str, str], pid: int) -> None:
     """`aemagent stop` a daemon that `aemagent start` spawned (not our child)."""
     stopped = procs.run(procs.aemagent("stop", "--socket", sock), env)
     assert stopped.returncode == 0, stopped.stderr
     assert f"stopped the agent (pid {pid})" in stopped.stdout
-    _wait_for(lambda: not _alive(pid), 10, f"pid {pid} to exit")
+    wait_for(lambda: not _alive(pid), 10, f"pid {pid} to exit")
     assert not os.path.lexists(sock)
 
 
@@ -347,7 +339,7 @@ def test_concurrent_starts_yield_one_daemon(base: Path) -> None:
     meanwhile = f"aemagent: the agent (pid {pid}) on {sock} was started meanwhile by another"
     assert said.count(started) == 1, said
     assert all(line in ("", started) or line.startswith(meanwhile) for line in said), said
-    _wait_for(lambda: procs.agent_pids(sock) == [pid], 2, "the losing daemons to exit")
+    wait_for(lambda: procs.agent_pids(sock) == [pid], 2, "the losing daemons to exit")
     assert _start_log(base).read_text().count(f"serving on {sock}") == 1
     _stop_started(sock, env, pid)
 
@@ -519,7 +511,7 @@ def test_another_user_is_closed_without_an_answer(
         assert raw.stdout.split() == ["connected", "0"]
 
         refused = f"refused a connection from uid {NOBODY}"
-        _wait_for(lambda: agent.log().count(refused) >= 2, 5, "the refusals in the log")
+        wait_for(lambda: agent.log().count(refused) >= 2, 5, "the refusals in the log")
         assert agent_pid(sock) == agent.pid
 
 
@@ -658,7 +650,7 @@ def test_a_thousand_idle_connections_leave_room_for_a_health_check(base: Path) -
                     idle.append(s)
                     s.settimeout(5)
                     s.connect(sock)
-                _wait_for(
+                wait_for(
                     lambda: len(os.listdir(f"/proc/{agent.pid}/fd")) > 1000,
                     10,
                     "the daemon to accept 1000 connections",

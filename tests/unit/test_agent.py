@@ -1,6 +1,6 @@
 """The agent's token lifecycle on trio's MockClock: days of timers in no real time.
 
-The fake IMS and fake credentials are hand-written (tests/fakes.py); the wall and boot clocks follow
+The fake IMS and fake credentials are hand-written (tests/support/fakes.py); the wall and boot clocks follow
 trio's virtual clock, and tests move them further to simulate suspend and clock jumps.
 """
 

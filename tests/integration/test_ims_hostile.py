@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
@@ -24,8 +24,8 @@ import httpx
 import jwt
 import procs
 import pytest
+from imsfake import IMS_NOW, FakeIMS, credential, form, oauth
 from keys import ims_token
-from test_ims import IMS_NOW, FakeIMS, credential, form, oauth
 
 from aemagent.core.clocks import FakeClock
 from aemagent.emulator.faults import Fault
@@ -296,14 +296,6 @@ def gzip_of_gzip(mib: int) -> bytes:
     inner = header + first + block * (mib - 1) + pack.flush() + trailer
     outer = zlib.compressobj(9, zlib.DEFLATED, 31)
     return outer.compress(inner) + outer.flush()
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:g} s for {what}")
-        time.sleep(0.05)
 
 
 @pytest.mark.integration
