@@ -26,7 +26,9 @@ Answer = httpx.Response | Callable[[httpx.Request], httpx.Response]
 
 @functools.cache  # parsing validates the RSA key, which is slow
 def credential(**kwargs: Any) -> ServiceCredential:
-    return parse_credential(integration(**kwargs))
+    cred = parse_credential(integration(**kwargs))
+    assert isinstance(cred, ServiceCredential)
+    return cred
 
 
 def oauth(**kwargs: Any) -> OAuthCredential:
@@ -45,7 +47,9 @@ def form(request: httpx.Request) -> dict[str, list[str]]:
     return parse_qs(request.content.decode(), keep_blank_values=True, strict_parsing=True)
 
 
-def error_answer(status: int, error: str | None = None, description: str = "", **headers: str):
+def error_answer(
+    status: int, error: str | None = None, description: str = "", **headers: str
+) -> httpx.Response:
     body = {"error": error, "error_description": description} if error else None
     return httpx.Response(status, json=body, headers=headers)
 

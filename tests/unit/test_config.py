@@ -60,6 +60,7 @@ timeout = 5
     assert work.file == str(tmp_path / "creds" / "service.json")  # relative to the file
     assert work.hosts == ("author-p1-e2.adobeaemcloud.com",)
     assert work.default
+    assert vault.command is not None
     assert vault.command.startswith("vault kv get")
     assert vault.timeout == 5.0
 
@@ -151,7 +152,7 @@ async def agent_with_config(tmp_path, text: str):
     clock = LinkedClock()
     ims = FakeIMS(clock)
     async with trio.open_nursery() as nursery:
-        agent = Agent(ims, clock=clock, rng=FixedRandom(0.0))  # type: ignore[arg-type]
+        agent = Agent(ims, clock=clock, rng=FixedRandom(0.0))
         await nursery.start(agent.run)
         profiles = ConfigProfiles(agent, load_config(str(path)))
         profiles.reserve()
@@ -245,9 +246,9 @@ async def test_keys_are_parsed_once_per_distinct_bytes_and_not_again_on_reload(
     a reload whose bytes did not change parses nothing, changed bytes are parsed again, and no
     credential outlives its profile in the cache. Broken: one parse per profile and reload."""
     import aemagent.daemon.sources
+    from aemagent.credentials import parse_credential as real_parse
 
     parsed: list[bytes] = []
-    real_parse = aemagent.daemon.sources.parse_credential
 
     def counting_parse(raw):
         parsed.append(raw)

@@ -182,6 +182,7 @@ def test_digest_changes_with_every_field():
 
 def test_hand_built_credential_gets_a_digest():
     cred = parse_credential(integration())
+    assert isinstance(cred, ServiceCredential)
     built = ServiceCredential(
         client_id=cred.client_id,
         client_secret=Secret(CLIENT_SECRET),
@@ -198,6 +199,7 @@ def test_hand_built_credential_gets_a_digest():
 
 def test_optional_fields():
     cred = parse_credential(integration(email=None, publicKey=None))
+    assert isinstance(cred, ServiceCredential)
     assert cred.technical_account_email is None
     assert cred.certificate_expires_at is None
     bare = integration()
@@ -564,8 +566,10 @@ def test_minimal_oauth_file():
     ],
 )
 def test_oauth_ims_endpoint(endpoint, base):
-    assert parse_credential(oauth_json(ims_endpoint=endpoint)).ims_base == base
-    assert parse_credential(adobe_oauth_download(IMS_ENDPOINT=endpoint)).ims_base == base
+    for raw in (oauth_json(ims_endpoint=endpoint), adobe_oauth_download(IMS_ENDPOINT=endpoint)):
+        cred = parse_credential(raw)
+        assert isinstance(cred, OAuthCredential)
+        assert cred.ims_base == base
 
 
 def test_oauth_repr_shows_only_public_fields():
@@ -777,7 +781,9 @@ def test_dev_token_optional_claims():
     cred = parse_credential(dev_token(user_id=None, type=None, scope=None))
     assert isinstance(cred, DevToken)
     assert cred.user_id is None
-    assert parse_credential(dev_token(user_id=12)).user_id is None
+    numeric = parse_credential(dev_token(user_id=12))
+    assert isinstance(numeric, DevToken)
+    assert numeric.user_id is None
 
 
 def test_dev_token_repr_and_digest():
@@ -899,8 +905,8 @@ def test_access_token_field_errors():
 )
 def test_kind_detection(raw, kind):
     cred = parse_credential(raw)
+    assert cred.kind == kind.kind  # before `type(cred) is kind` narrows `kind` to the protocol
     assert type(cred) is kind
-    assert cred.kind == kind.kind
 
 
 def test_every_kind_has_what_the_agent_reads():

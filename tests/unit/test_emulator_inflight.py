@@ -6,6 +6,7 @@ import argparse
 import json
 import ssl
 import time
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -23,12 +24,13 @@ async def client():
         yield client
 
 
-async def start(nursery, tmp_path, delay: float) -> RunningEmulator:
+async def start(nursery: trio.Nursery, tmp_path, delay: float) -> RunningEmulator:
     settings = EmulatorSettings(write_credentials=tmp_path / "creds", exchange_delay=delay)
-    return await nursery.start(serve_emulator, settings)
+    emu: RunningEmulator = await nursery.start(serve_emulator, settings)
+    return emu
 
 
-async def client_credentials(client, emu: RunningEmulator) -> httpx.Response:
+async def client_credentials(client: httpx.AsyncClient, emu: RunningEmulator) -> httpx.Response:
     creds = json.loads(emu.credentials["oauth"].read_text())
     form = {
         "grant_type": "client_credentials",
@@ -39,10 +41,12 @@ async def client_credentials(client, emu: RunningEmulator) -> httpx.Response:
     return await client.post(f"{emu.url}/ims/token/v3", data=form)
 
 
-async def stats(client, emu: RunningEmulator, method: str = "GET") -> dict:
+async def stats(
+    client: httpx.AsyncClient, emu: RunningEmulator, method: str = "GET"
+) -> dict[str, Any]:
     response = await client.request(method, f"{emu.url}/_emulator/stats")
     assert response.status_code == 200, response.text
-    return response.json()
+    return cast("dict[str, Any]", response.json())
 
 
 async def test_stats_count_concurrent_exchanges_and_the_delay_holds_them(nursery, tmp_path, client):
@@ -55,8 +59,10 @@ async def test_stats_count_concurrent_exchanges_and_the_delay_holds_them(nursery
         answers.append(await client_credentials(client, emu))
 
     async def peek() -> None:
-        await trio.sleep(DELAY / 2)  # every request has arrived; none is answered yet
-        seen_in_flight.append((await stats(client, emu))["in_flight"])
+        # Until every request has arrived, or one is answered (then fewer than 5 are seen).
+        while (in_flight := (await stats(client, emu))["in_flight"]) < 5 and not answers:
+            await trio.sleep(0.01)
+        seen_in_flight.append(in_flight)
 
     t0 = time.monotonic()
     async with trio.open_nursery() as requests:
@@ -102,7 +108,9 @@ async def test_no_delay_by_default_and_a_reset_keeps_requests_in_flight(nursery,
     assert (await client.post(f"{emu.url}/_emulator/faults", json=fault)).status_code == 200
     async with trio.open_nursery() as requests:
         requests.start_soon(client_credentials, client, emu)
-        await trio.sleep(DELAY / 2)
+        with trio.fail_after(DELAY):  # the request arrives, and is held, well within its delay
+            while (await stats(client, emu))["in_flight"] == 0:
+                await trio.sleep(0.01)
         assert await stats(client, emu, "DELETE") == {
             "in_flight": 1,
             "max_in_flight": 1,

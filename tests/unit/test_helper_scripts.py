@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ SCRIPTS = {"aem-token": "main", "git-credential-aemagent": "git_main"}
 MODULES = {"aem-token": "aemagent.helper", "git-credential-aemagent": "aemagent.gitcred"}
 
 
-def pyproject() -> dict:
+def pyproject() -> dict[str, Any]:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 

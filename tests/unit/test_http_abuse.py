@@ -26,7 +26,7 @@ import pytest
 import trio
 import trio.testing
 from fakes import FakeIMS, LinkedClock
-from test_httpserver import SMALL, echo, get, serving
+from rawhttp import SMALL, echo, get, serving
 
 from aemagent.daemon.httpserver import Limits, Request, Response, serve_http
 from aemagent.daemon.server import DaemonSettings, serve_agent

@@ -272,7 +272,7 @@ async def test_status_follows_the_profiles_at_a_cost_bounded_by_time_not_traffic
     "refreshing" for up to a minute."""
     clock = LinkedClock()
     ims = FakeIMS(clock, latency=5.0)
-    agent = Agent(ims, clock=clock)  # type: ignore[arg-type]
+    agent = Agent(ims, clock=clock)
     notifier = RecordingNotifier()
     server = daemon._Server(
         DaemonSettings(socket_path="/nonexistent/agent.sock"),
