@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 
 import procs
 import pytest
@@ -66,7 +67,7 @@ async def test_concurrent_adds_of_one_name_leave_one_profile_and_no_storm(
                 for i in range(4):
                     digest = "digest-1" if same_credential else f"digest-{round_}-{i}"
                     credential = FakeCredential(digest=digest)
-                    nursery.start_soon(lambda c=credential: agent.add(c, name="x"))
+                    nursery.start_soon(partial(agent.add, credential, name="x"))
         await watch_an_hour(fake_ims, bound=12)
         assert [p.name for p in agent.profiles()] == ["x"]
         assert live_profile_tasks(agent) == 1

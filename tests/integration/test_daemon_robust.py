@@ -75,7 +75,7 @@ async def test_a_failure_in_one_connection_closes_it_and_the_daemon_serves_the_n
     raises, and the next connect is refused."""
     caplog.set_level(logging.INFO, logger="aemagent")
     failures: list[BaseException] = [OSError(5, "Input/output error"), struct.error("short")]
-    real = daemon.peer_uid
+    real = unixsocket.peer_uid  # what the server imported
 
     def failing_peer_uid(conn: trio.socket.SocketType) -> int | None:
         if failures:
@@ -205,7 +205,7 @@ def test_a_root_owned_closed_directory_is_accepted_and_anothers_refused(
     do anything to us anyway; writing there is then root's to allow); one of uid 4243 is not."""
     if os.getuid() != 0:
         pytest.skip("the directories are made with root's uid and chowned")
-    monkeypatch.setattr(unixsocket.os, "getuid", lambda: 4242)
+    monkeypatch.setattr(os, "getuid", lambda: 4242)  # the os module unixsocket calls
     rooted = tmp_path / "root"
     rooted.mkdir(mode=0o755)
     rooted.chmod(0o755)

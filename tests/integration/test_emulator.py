@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from typing import IO, Any, cast
 
 import httpx
 import jwt
@@ -65,7 +66,8 @@ def pooled_keys(monkeypatch):
 @pytest.fixture
 async def emu(nursery, tmp_path, pooled_keys) -> RunningEmulator:
     settings = EmulatorSettings(write_credentials=tmp_path / "creds")
-    return await nursery.start(serve_emulator, settings)
+    running: RunningEmulator = await nursery.start(serve_emulator, settings)
+    return running
 
 
 @pytest.fixture
@@ -74,12 +76,13 @@ async def client():
         yield client
 
 
-def integration(emu: RunningEmulator) -> dict:
-    return json.loads(emu.credentials["service"].read_text())["integration"]
+def integration(emu: RunningEmulator) -> dict[str, Any]:
+    document = json.loads(emu.credentials["service"].read_text())
+    return cast("dict[str, Any]", document["integration"])
 
 
-def oauth(emu: RunningEmulator) -> dict:
-    return json.loads(emu.credentials["oauth"].read_text())
+def oauth(emu: RunningEmulator) -> dict[str, Any]:
+    return cast("dict[str, Any]", json.loads(emu.credentials["oauth"].read_text()))
 
 
 def make_jwt(emu: RunningEmulator, key=None, algorithm="RS256", **overrides) -> str:
@@ -102,10 +105,14 @@ def make_jwt(emu: RunningEmulator, key=None, algorithm="RS256", **overrides) -> 
 @functools.cache
 def load_key(pem: str) -> rsa.RSAPrivateKey:
     # Loading checks the key's consistency, which is slow: once per key is enough.
-    return serialization.load_pem_private_key(pem.encode(), password=None)
+    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return key
 
 
-async def exchange(client, emu, token: str, **fields) -> httpx.Response:
+async def exchange(
+    client: httpx.AsyncClient, emu: RunningEmulator, token: str, **fields: object
+) -> httpx.Response:
     creds = integration(emu)
     form = {
         "client_id": creds["technicalAccount"]["clientId"],
@@ -117,7 +124,9 @@ async def exchange(client, emu, token: str, **fields) -> httpx.Response:
     return await client.post(f"{emu.url}/ims/exchange/jwt", data=form)
 
 
-async def client_credentials(client, emu, **fields) -> httpx.Response:
+async def client_credentials(
+    client: httpx.AsyncClient, emu: RunningEmulator, **fields: object
+) -> httpx.Response:
     creds = oauth(emu)
     form = {
         "grant_type": "client_credentials",
@@ -129,13 +138,13 @@ async def client_credentials(client, emu, **fields) -> httpx.Response:
     return await client.post(f"{emu.url}/ims/token/v3", data=form)
 
 
-async def service_token(client, emu) -> str:
+async def service_token(client: httpx.AsyncClient, emu: RunningEmulator) -> str:
     response = await exchange(client, emu, make_jwt(emu))
     assert response.status_code == 200, response.text
-    return response.json()["access_token"]
+    return cast("str", response.json()["access_token"])
 
 
-async def aem(client, emu, token: str | None) -> httpx.Response:
+async def aem(client: httpx.AsyncClient, emu: RunningEmulator, token: str | None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     return await client.get(f"{emu.url}/aem/content/dam.json", headers=headers)
 
@@ -145,10 +154,12 @@ def refused(response: httpx.Response, status: int, error: str) -> str:
     assert response.status_code == status, response.text
     body = response.json()
     assert body["error"] == error, body
-    return body["error_description"]
+    return cast("str", body["error_description"])
 
 
-async def hook(client, emu, method: str, name: str, body: object = None) -> httpx.Response:
+async def hook(
+    client: httpx.AsyncClient, emu: RunningEmulator, method: str, name: str, body: object = None
+) -> httpx.Response:
     return await client.request(method, f"{emu.url}/_emulator/{name}", json=body)
 
 
@@ -171,8 +182,11 @@ async def test_service_credentials_in_developer_console_format(emu):
     assert "\n" not in creds["privateKey"].replace("\r\n", "")
     assert creds["publicKey"].startswith("-----BEGIN CERTIFICATE-----\r\n")
     key = serialization.load_pem_private_key(creds["privateKey"].encode(), password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
     cert = x509.load_pem_x509_certificate(creds["publicKey"].encode())
-    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+    cert_key = cert.public_key()
+    assert isinstance(cert_key, rsa.RSAPublicKey)
+    assert cert_key.public_numbers() == key.public_key().public_numbers()
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert lifetime == dt.timedelta(days=365)
     expires = dt.datetime.strptime(creds["certificateExpirationDate"], "%Y-%m-%dT%H:%M:%S.%f%z")
@@ -513,7 +527,13 @@ async def test_short_token_lifetime(nursery, client, tmp_path, pooled_keys):
     assert (await aem(client, emu, devtoken)).status_code == 401
 
 
-async def revoke(client, emu, token: str, creds: tuple[str, str], **fields) -> httpx.Response:
+async def revoke(
+    client: httpx.AsyncClient,
+    emu: RunningEmulator,
+    token: str,
+    creds: tuple[str, str],
+    **fields: object,
+) -> httpx.Response:
     form = {
         "token_type": "access_token",
         "token": token,
@@ -773,7 +793,7 @@ def test_run_reports_a_busy_port(capsys):
 EMULATOR = [sys.executable, "-m", "aemagent.emulator"]
 
 
-def _readline(stream, timeout: float) -> str:
+def _readline(stream: IO[str], timeout: float) -> str:
     ready, _, _ = select.select([stream], [], [], timeout)
     assert ready, "the emulator printed nothing"
     return stream.readline()
@@ -789,8 +809,10 @@ def test_subprocess_prints_one_line_serves_and_stops_on_sigterm(tmp_path):
             stderr=stderr,
             text=True,
         )
+    stdout = process.stdout
+    assert stdout is not None
     try:
-        line = json.loads(_readline(process.stdout, timeout=20))
+        line = json.loads(_readline(stdout, timeout=20))
         assert line["pid"] == process.pid
         assert line["url"].startswith("http://127.0.0.1:")
         assert line["credentials"] == {
@@ -804,12 +826,12 @@ def test_subprocess_prints_one_line_serves_and_stops_on_sigterm(tmp_path):
         assert response.status_code == 200
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
-        assert process.stdout.read() == ""  # one line, nothing else
+        assert stdout.read() == ""  # one line, nothing else
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-        process.stdout.close()
+        stdout.close()
     log = (tmp_path / "stderr").read_text()
     assert "GET /aem/x -> 200" in log
     assert devtoken not in log

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import procs
 import pytest
@@ -525,7 +526,8 @@ def test_real_git_scoped_helper_keeps_tokens_from_store(fake, tmp_path):
 
 
 def service_account(ims: procs.EmulatorProcess) -> str:
-    return json.loads(Path(ims.credentials["service"]).read_text())["integration"]["id"]
+    document = json.loads(Path(ims.credentials["service"]).read_text())
+    return cast("str", document["integration"]["id"])
 
 
 @needs_git

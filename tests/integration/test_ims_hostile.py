@@ -18,6 +18,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 from urllib.parse import quote, quote_plus
 
 import httpx
@@ -148,7 +149,7 @@ def refuse_ahead(request: httpx.Request) -> httpx.Response:
 
 def exp_of(request: httpx.Request) -> int:
     assertion = form(request)["jwt_token"][0]
-    return jwt.decode(assertion, options={"verify_signature": False})["exp"]
+    return cast("int", jwt.decode(assertion, options={"verify_signature": False})["exp"])
 
 
 async def test_a_clock_two_days_ahead_is_corrected_by_ims_date(caplog):

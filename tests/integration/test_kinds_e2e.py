@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -247,6 +248,8 @@ GIT = shutil.which("git")
 @pytest.mark.parametrize("kind", ["service", "oauth", "devtoken"])
 def test_each_kind_through_every_caller(agent, ims, tmp_path, kind):
     """CLI, aem-token, git, curl --unix-socket and Python all get the same working token."""
+    assert CURL is not None  # as the skipif made sure
+    assert GIT is not None
     host = f"{kind}.aem.example"
     done = agent.cli("add", ims.credentials[kind], "--name", kind, "--host", host)
     assert done.returncode == 0, done.stderr
@@ -261,7 +264,7 @@ def test_each_kind_through_every_caller(agent, ims, tmp_path, kind):
         GIT_CONFIG_GLOBAL=str(home / ".gitconfig"),
         GIT_CONFIG_NOSYSTEM="1",
         GIT_TERMINAL_PROMPT="0",
-        PATH=os.path.dirname(procs.sys.executable) + os.pathsep + os.environ["PATH"],
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
     )
     subprocess.run(
         [GIT, "config", "--global", "credential.helper", "aemagent"],
@@ -302,7 +305,7 @@ def test_each_kind_through_every_caller(agent, ims, tmp_path, kind):
 
     python = procs.run(
         [
-            procs.sys.executable,
+            sys.executable,
             "-c",
             (
                 "from aemagent.client import get_token; import sys; "

@@ -44,7 +44,7 @@ async def config_profiles(path: Path):
     clock = LinkedClock()
     ims = FakeIMS(clock)
     async with trio.open_nursery() as nursery:
-        agent = Agent(ims, clock=clock, rng=FixedRandom(0.0))  # type: ignore[arg-type]
+        agent = Agent(ims, clock=clock, rng=FixedRandom(0.0))
         await nursery.start(agent.run)
         profiles = ConfigProfiles(agent, load_config(str(path)))
         profiles.reserve()
@@ -226,17 +226,21 @@ def test_post_reload_reports_what_loaded_and_refuses_a_bad_config(tmp_path, ims)
         status, body = _answer(agent.sock, "POST", "/v1/reload")
         assert status == 400
         assert body["error"] == "bad_request"
-        assert str(config) in body["message"]
-        assert "not valid TOML" in body["message"]
-        assert "\n" not in body["message"]
+        message = body["message"]
+        assert isinstance(message, str)
+        assert str(config) in message
+        assert "not valid TOML" in message
+        assert "\n" not in message
         assert _names(agent) == ["byhand", "locked", "one"]  # kept as they were
 
         config.write_text(f'[profiles.two]\nfile = "{service}"\n')
         config.chmod(0o666)
         status, body = _answer(agent.sock, "POST", "/v1/reload")
         assert status == 400
-        assert "writable by others" in body["message"]
-        assert str(config) in body["message"]
+        message = body["message"]
+        assert isinstance(message, str)
+        assert "writable by others" in message
+        assert str(config) in message
         assert _names(agent) == ["byhand", "locked", "one"]
 
         config.chmod(0o600)

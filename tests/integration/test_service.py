@@ -326,7 +326,8 @@ def _seccomp_mdwe() -> None:
         "allow", (ret, allow),
     ]  # fmt: skip
     labels: dict[str, int] = {}
-    ops: list[tuple[int, ...]] = []
+    # (code, k), or a jump: (code, k, label if true, label if false), None to fall through
+    ops: list[tuple[int, int] | tuple[int, int, str | None, str | None]] = []
     for item in code:
         if isinstance(item, str):
             labels[item] = len(ops)
@@ -351,7 +352,7 @@ def _seccomp_mdwe() -> None:
     filters = (SockFilter * len(ops))(
         *(
             SockFilter(op[0], offset(i, op[2]), offset(i, op[3]), op[1])
-            if op[0] in (jeq, jset)
+            if len(op) == 4  # the jumps, jeq and jset
             else SockFilter(op[0], 0, 0, op[1])
             for i, op in enumerate(ops)
         )
