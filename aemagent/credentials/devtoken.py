@@ -1,4 +1,4 @@
-"""Local development tokens: an access token that is its own credential (docs/IMS.md).
+"""Local development tokens: an access token that is its own credential (docs/IMS-WIRE.md).
 
 The AEM Developer Console hands out `{"accessToken": "..."}` (sometimes with `"ok": true,
 "statusCode": 200` around it); users also paste the bare token. The token is JWT-shaped; its

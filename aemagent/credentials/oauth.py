@@ -1,4 +1,4 @@
-"""OAuth server-to-server credentials: a client id, a secret and scopes (docs/IMS.md).
+"""OAuth server-to-server credentials: a client id, a secret and scopes (docs/IMS-WIRE.md).
 
 There is no one download format, so three spellings are read:
 

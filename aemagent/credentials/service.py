@@ -35,7 +35,7 @@ __all__ = ["ServiceCredential", "parse_service"]
 
 @dataclass(frozen=True, repr=False, eq=False)
 class ServiceCredential:
-    """AEM service credentials, exchanged for tokens through a signed JWT (docs/IMS.md)."""
+    """AEM service credentials, exchanged for tokens through a signed JWT (docs/IMS-WIRE.md)."""
 
     kind: ClassVar[str] = "service"
     refreshable: ClassVar[bool] = True  # IMS gives a new token whenever asked

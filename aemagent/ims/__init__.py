@@ -1,4 +1,4 @@
-"""The IMS layer: the one place that talks to Adobe IMS (docs/IMS.md has the wire facts).
+"""The IMS layer: the one place that talks to Adobe IMS (docs/IMS-WIRE.md has the wire facts).
 
 * `client`    IMSClient: the httpx clients (proxies, CA, timeouts), the capped raw read,
               redirects refused; the JWT exchange with its clock-skew retry, client

@@ -3,9 +3,9 @@
 A token's lifetime is its own `expires_in` (ms) when it has one, else the response's, in the unit
 of the endpoint that answered (ms from /ims/exchange/jwt, s from /ims/token/v3); it is believed
 up to LIFETIME_CAP, never beyond what the token's own `created_at` leaves, and one under
-MIN_LIFETIME is an error. Error answers are mapped by status (docs/IMS.md, "Errors"), with IMS's
-words cleaned, every secret sent redacted from them, and a hint for the user. A JWT refused for
-its times is recognised here (`jwt_expired`); the client retries it once on IMS's clock.
+MIN_LIFETIME is an error. Error answers are mapped by status (docs/IMS-WIRE.md, "Errors"), with
+IMS's words cleaned, every secret sent redacted from them, and a hint for the user. A JWT
+refused for its times is recognised here (`jwt_expired`); the client retries it once on IMS's clock.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def error_from_response(
     kind: str = "service",
     revoking: bool = False,
 ) -> IMSError:
-    """Map an unsuccessful IMS answer to the error tree (docs/IMS.md, "Errors").
+    """Map an unsuccessful IMS answer to the error tree (docs/IMS-WIRE.md, "Errors").
 
     `kind` (the credential's) and `revoking` choose the words of the summary and the hint.
     """

@@ -1,4 +1,6 @@
-"""The signed JWT a service credential sends to /ims/exchange/jwt (docs/IMS.md, "JWT exchange").
+"""The signed JWT a service credential sends to /ims/exchange/jwt.
+
+The wire facts are in docs/IMS-WIRE.md, "JWT exchange".
 
 The claims name the organisation (`iss`), the technical account (`sub`), the audience
 `{ims_base}/c/{client_id}` and one `{ims_base}/s/{metascope}: true` claim per metascope; `exp`

@@ -1,6 +1,6 @@
 """The IMS client: exchanges a credential for an access token, and revokes tokens.
 
-One `fetch` is one exchange (docs/IMS.md). Service credentials sign a fresh JWT and POST it to
+One `fetch` is one exchange (docs/IMS-WIRE.md). Service credentials sign a fresh JWT and POST it to
 /ims/exchange/jwt; OAuth server-to-server credentials POST their client id, secret and scopes to
 /ims/token/v3; what the answer means (the lifetime and its units, the errors) is answers.py's
 business, the JWT assertion.py's. Errors come out of the tree in errors.py: transient ones (5xx,
@@ -169,7 +169,7 @@ class IMSClient:
         )
 
     async def _client_credentials(self, cred: OAuthCredential) -> Grant:
-        """OAuth server-to-server (docs/IMS.md, "Client credentials"): no JWT, so no clock-skew
+        """OAuth server-to-server (docs/IMS-WIRE.md, "Client credentials"): no JWT, so no clock-skew
         retry either; `expires_in` is in seconds here."""
         secret = cred.client_secret.reveal()
         form = {

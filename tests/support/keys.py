@@ -76,7 +76,7 @@ def key_pair(index: int = 0) -> KeyPair:
 def integration(
     key: KeyPair | None = None, *, ims_endpoint: str = "ims-na1.adobelogin.com", **extra: Any
 ) -> dict[str, Any]:
-    """The `integration` object of AEM service credentials (docs/IMS.md, "Endpoints"); `extra` overrides."""
+    """The `integration` object of AEM service credentials (docs/IMS-WIRE.md, "Endpoints"); `extra` overrides."""
     key = key or key_pair()
     obj: dict[str, Any] = {
         "imsEndpoint": ims_endpoint,
@@ -108,7 +108,7 @@ def ims_token(payload: dict[str, Any] | None = None) -> str:
     return f"{part({'alg': 'RS256', 'x5u': 'ims_na1-key-1.cer'})}.{part(payload)}.c2lnbmF0dXJl"
 
 
-# --- OAuth server-to-server credentials (docs/IMS.md, "Client credentials") -----------------------
+# --- OAuth server-to-server credentials (docs/IMS-WIRE.md, "Client credentials") ------------------
 
 OAUTH_CLIENT_ID = "E0A1B2C3d4e5f60718293a4b5c6d7e8f"
 OAUTH_SCOPES = ["openid", "AdobeID", "aem.folders"]
@@ -155,7 +155,7 @@ def aio_oauth_config(**extra: Any) -> dict[str, Any]:
     return _merged(obj, extra)
 
 
-# --- local development tokens (docs/IMS.md, "The access token and its lifetime") ------------------
+# --- local development tokens (docs/IMS-WIRE.md, "The access token and its lifetime") -------------
 
 DEV_CREATED_MS = 1_800_000_000_000  # FakeClock's default wall time, in ms
 DEV_LIFETIME_MS = 86_400_000  # 24 h
