@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -41,3 +43,23 @@ def base() -> Iterator[Path]:
     finally:
         procs.kill_agents(str(directory))
         shutil.rmtree(directory, ignore_errors=True)
+
+
+NOBODY = 65534
+
+
+@pytest.fixture(scope="module")
+def nobody() -> procs.UserPython:
+    """Runs this package's Python as uid 65534 (`nobody`), or skips saying what is missing."""
+    if os.getuid() != 0:
+        pytest.skip("running processes as another user needs root")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    try:
+        gid = pwd.getpwuid(NOBODY).pw_gid
+    except KeyError:
+        pytest.skip(f"no user with uid {NOBODY}")
+    user = procs.python_as(NOBODY, gid)
+    if user is None:
+        pytest.skip(f"no Python that uid {NOBODY} can run with aemagent importable")
+    return user

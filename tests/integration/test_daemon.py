@@ -19,7 +19,6 @@ import random
 import re
 import resource
 import shlex
-import shutil
 import signal
 import socket
 import stat
@@ -50,23 +49,6 @@ DISPLACED_WITHIN = 3.0
 
 
 # ---- helpers
-
-
-@pytest.fixture(scope="module")
-def nobody() -> procs.UserPython:
-    """Runs this package's Python as uid 65534 (`nobody`), or skips saying what is missing."""
-    if os.getuid() != 0:
-        pytest.skip("running processes as another user needs root")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
-    try:
-        pwd.getpwuid(NOBODY)
-    except KeyError:
-        pytest.skip(f"no user with uid {NOBODY}")
-    user = procs.python_as(NOBODY, _nobody_gid())
-    if user is None:
-        pytest.skip(f"no Python that uid {NOBODY} can run with aemagent importable")
-    return user
 
 
 def _nobody_gid() -> int:

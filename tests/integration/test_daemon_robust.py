@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import pwd
-import shutil
 import socket
 import stat
 import struct
@@ -104,22 +103,6 @@ async def test_a_failure_in_one_connection_closes_it_and_the_daemon_serves_the_n
 
 
 # ---- an OSError at start
-
-
-@pytest.fixture(scope="module")
-def nobody() -> procs.UserPython:
-    if os.getuid() != 0:
-        pytest.skip("running processes as another user needs root")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
-    try:
-        pwd.getpwuid(NOBODY)
-    except KeyError:
-        pytest.skip(f"no user with uid {NOBODY}")
-    user = procs.python_as(NOBODY, pwd.getpwuid(NOBODY).pw_gid)
-    if user is None:
-        pytest.skip(f"no Python that uid {NOBODY} can run with aemagent importable")
-    return user
 
 
 @pytest.mark.integration
