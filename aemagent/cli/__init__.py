@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:  # a new user's first try: the help, as `aemagent --help` gives it
         build_parser().print_help()
         return exits.OK
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command_name(argv)).parse_args(argv)
     module, name = args.command_func.split(":")
     try:
         command = getattr(importlib.import_module(f"aemagent.cli.{module}"), name)
@@ -46,3 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return exits.INTERRUPTED
+
+
+def _command_name(argv: list[str]) -> str | None:
+    """The subcommand argv runs (its first word), or None when it starts with an option."""
+    return None if argv[0].startswith("-") else argv[0]

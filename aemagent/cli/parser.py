@@ -7,6 +7,7 @@ only that module, so `aemagent status` loads none of the code of `start` or `add
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NoReturn
 
 from aemagent import __version__, exits
@@ -44,9 +45,21 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def build_parser() -> argparse.ArgumentParser:
-    socket_opt = _socket_option()
-    log_opt = _log_options()
+class Options:
+    """The option groups several subcommands share, built once per parser."""
+
+    def __init__(self) -> None:
+        self.socket = _socket_option()
+        self.log = _log_options()
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `command` (a name in COMMANDS) only that subcommand's.
+
+    main() builds only the subcommand it runs: argparse's work grows with every subparser, and
+    `aemagent start` runs in every new shell. --help and an unknown command get them all.
+    """
+    options = Options()
     parser = Parser(
         prog="aemagent", description="The ssh-agent of AEM: IMS access tokens from memory."
     )
@@ -54,17 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=Parser
     )
-    _add_start(sub, socket_opt, log_opt)
-    _add_serve(sub, socket_opt, log_opt)
-    _add_stop(sub, socket_opt)
-    _add_reload(sub, socket_opt)
-    _add_service(sub)
-    _add_add(sub, socket_opt)
-    _add_status(sub, socket_opt)
-    _add_forget(sub, socket_opt)
-    _add_refresh(sub, socket_opt)
-    _add_emulator(sub)
-    _add_demo(sub)
+    if command in COMMANDS:
+        COMMANDS[command](sub, options, command)
+    else:
+        for name, add in COMMANDS.items():
+            add(sub, options, name)
     return parser
 
 
@@ -93,10 +100,10 @@ def _log_options() -> Parser:
     return parent
 
 
-def _add_start(sub: _Sub, socket_opt: Parser, log_opt: Parser) -> None:
+def _add_start(sub: _Sub, options: Options, name: str) -> None:
     p = sub.add_parser(
-        "start",
-        parents=[socket_opt, log_opt],
+        name,
+        parents=[options.socket, options.log],
         help="start the agent in the background (idempotent); prints shell lines for eval",
     )
     shells = p.add_mutually_exclusive_group()
@@ -112,30 +119,30 @@ def _add_start(sub: _Sub, socket_opt: Parser, log_opt: Parser) -> None:
     p.set_defaults(command_func="agentctl:cmd_start", syntax="sh")
 
 
-def _add_serve(sub: _Sub, socket_opt: Parser, log_opt: Parser) -> None:
+def _add_serve(sub: _Sub, options: Options, name: str) -> None:
     p = sub.add_parser(
-        "serve",
-        parents=[socket_opt, log_opt],
+        name,
+        parents=[options.socket, options.log],
         help="run the agent in the foreground, logging to stderr",
     )
     p.set_defaults(command_func="agentctl:cmd_serve")
 
 
-def _add_stop(sub: _Sub, socket_opt: Parser) -> None:
-    p = sub.add_parser("stop", parents=[socket_opt], help="stop the agent")
+def _add_stop(sub: _Sub, options: Options, name: str) -> None:
+    p = sub.add_parser(name, parents=[options.socket], help="stop the agent")
     p.set_defaults(command_func="agentctl:cmd_stop")
 
 
-def _add_reload(sub: _Sub, socket_opt: Parser) -> None:
+def _add_reload(sub: _Sub, options: Options, name: str) -> None:
     p = sub.add_parser(
-        "reload", parents=[socket_opt], help="re-read the config file and say what loaded"
+        name, parents=[options.socket], help="re-read the config file and say what loaded"
     )
     p.set_defaults(command_func="agentctl:cmd_reload")
 
 
-def _add_service(sub: _Sub) -> None:
+def _add_service(sub: _Sub, _options: Options, name: str) -> None:
     p = sub.add_parser(
-        "service",
+        name,
         help="install or remove the systemd user units (Linux) or the launchd agent (macOS)",
     )
     p.add_argument("action", choices=("install", "uninstall"))
@@ -152,8 +159,8 @@ def _add_service(sub: _Sub) -> None:
     p.set_defaults(command_func="agentctl:cmd_service", manager=None)
 
 
-def _add_add(sub: _Sub, socket_opt: Parser) -> None:
-    p = sub.add_parser("add", parents=[socket_opt], help="load a credential into the agent")
+def _add_add(sub: _Sub, options: Options, name: str) -> None:
+    p = sub.add_parser(name, parents=[options.socket], help="load a credential into the agent")
     p.add_argument(
         "file",
         nargs="?",
@@ -192,18 +199,18 @@ def _add_add(sub: _Sub, socket_opt: Parser) -> None:
     p.set_defaults(command_func="profiles:cmd_add")
 
 
-def _add_status(sub: _Sub, socket_opt: Parser) -> None:
-    for name in ("status", "list"):
-        p = sub.add_parser(name, parents=[socket_opt], help="show the profiles (no secrets)")
-        p.add_argument(
-            "--json", action="store_true", help="machine-readable output; times in unix seconds"
-        )
-        p.set_defaults(command_func="status:cmd_status")
+def _add_status(sub: _Sub, options: Options, name: str) -> None:
+    # `status` and `list` are one command under two names.
+    p = sub.add_parser(name, parents=[options.socket], help="show the profiles (no secrets)")
+    p.add_argument(
+        "--json", action="store_true", help="machine-readable output; times in unix seconds"
+    )
+    p.set_defaults(command_func="status:cmd_status")
 
 
-def _add_forget(sub: _Sub, socket_opt: Parser) -> None:
+def _add_forget(sub: _Sub, options: Options, name: str) -> None:
     p = sub.add_parser(
-        "forget", parents=[socket_opt], help="drop credentials and their tokens from the agent"
+        name, parents=[options.socket], help="drop credentials and their tokens from the agent"
     )
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--all", action="store_true", help="forget every profile")
@@ -215,26 +222,44 @@ def _add_forget(sub: _Sub, socket_opt: Parser) -> None:
     p.set_defaults(command_func="profiles:cmd_forget")
 
 
-def _add_refresh(sub: _Sub, socket_opt: Parser) -> None:
+def _add_refresh(sub: _Sub, options: Options, name: str) -> None:
     p = sub.add_parser(
-        "refresh",
-        parents=[socket_opt],
+        name,
+        parents=[options.socket],
         help="fetch a new token now (also retries a failed credential)",
     )
     p.add_argument("name", metavar="NAME")
     p.set_defaults(command_func="profiles:cmd_refresh")
 
 
-def _add_emulator(sub: _Sub) -> None:
+def _add_emulator(sub: _Sub, _options: Options, name: str) -> None:
     # Listed here for --help; main() hands `emulator` to the emulator's own parser so that
     # the other commands do not import it (it needs trio, jwt and cryptography).
-    p = sub.add_parser("emulator", help="run a local IMS emulator (plain HTTP, loopback only)")
+    p = sub.add_parser(name, help="run a local IMS emulator (plain HTTP, loopback only)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
 
-def _add_demo(sub: _Sub) -> None:
-    p = sub.add_parser("demo", help="the whole flow on this machine, no Adobe account needed")
+def _add_demo(sub: _Sub, _options: Options, name: str) -> None:
+    p = sub.add_parser(name, help="the whole flow on this machine, no Adobe account needed")
     p.add_argument(
         "--keep", action="store_true", help="leave the demo's emulator and agent running"
     )
     p.set_defaults(command_func="agentctl:cmd_demo")
+
+
+# Every subcommand, in --help order: its name and the function that adds its parser. A new
+# command adds its `_add_NAME(sub, options, name)` above and one line here.
+COMMANDS: dict[str, Callable[[_Sub, Options, str], None]] = {
+    "start": _add_start,
+    "serve": _add_serve,
+    "stop": _add_stop,
+    "reload": _add_reload,
+    "service": _add_service,
+    "add": _add_add,
+    "status": _add_status,
+    "list": _add_status,
+    "forget": _add_forget,
+    "refresh": _add_refresh,
+    "emulator": _add_emulator,
+    "demo": _add_demo,
+}
