@@ -3,7 +3,8 @@
 The child is spawned with `setsid` and its stdio on /dev/null and a 0600 log file, so nothing
 ties it to the terminal and `eval "$(aemagent start)"` returns as soon as we do. We return once
 its socket serves (or a racing `start` won the lifetime lock and its daemon serves), and say
-which of the two happened.
+which of the two happened. A child of ours that lost is killed and reaped before we return, so
+once every `start` has returned exactly one daemon runs for the path.
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ def spawn_daemon(
     while time.monotonic() < deadline:
         pid = agent_pid(path)
         if pid is not None:
+            if child is not None and child != pid:
+                _dismiss(child)  # it lost the race; it must not serve later, unannounced
             return Launched(pid, spawned=pid in spawned)
         if child is not None:
             done, status = os.waitpid(child, os.WNOHANG)
@@ -156,6 +159,22 @@ def spawn_daemon(
             spawned.add(child)
         time.sleep(_POLL)
     raise LaunchError(f"the agent did not answer on {path} within {timeout:g} s (log: {log_path})")
+
+
+def _dismiss(child: int) -> None:
+    """Kill and reap a daemon we spawned that did not win: another agent serves the path.
+
+    A losing child may still be importing, long after the winner answers. Left alone it would
+    find the lock held and exit, unless the winner died first: then it would take the lock and
+    serve as an agent nobody was told about. It holds nothing yet (the winner holds the lock),
+    so SIGKILL loses nothing; it is reaped here so that it is gone when `start` returns.
+    """
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child, 0)
 
 
 def wait_until_gone(path: str, timeout: float) -> bool:
