@@ -114,6 +114,9 @@ class Agent:
         self._table = ProfileTable()
         self._generations = itertools.count(1)
         self._nursery: trio.Nursery | None = None
+        # Set, then replaced, each time `add` publishes a profile under a name: what a task
+        # waiting for a name that is not there yet waits on (daemon/sinks.py).
+        self.published = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled: the parent of every profile's timer and flights."""
@@ -211,6 +214,8 @@ class Agent:
             self._drop(old)
         self._table.put(profile, default=default)
         profile.published.set()
+        event, self.published = self.published, trio.Event()
+        event.set()
         replaced = old is not None and not isinstance(old.credential, Unloaded)
         log.info("profile %s: %s %s", name, "replaced with" if replaced else "added", credential)
         return profile

@@ -46,6 +46,8 @@ _AGENT_KEYS = {
     "request_wait": float,
 }
 _PROFILE_KEYS = {"file", "command", "timeout", "hosts", "default"}
+_SINK_KEYS = {"profile", "path", "format", "mode", "allow_disk"}
+SINK_FORMATS = ("token", "header", "json")
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,17 @@ class ProfileSource:
 
 
 @dataclass(frozen=True)
+class SinkSpec:
+    """A `[[sink]]`: a file the daemon keeps holding the profile's current token (sinks.py)."""
+
+    profile: str
+    path: str  # absolute
+    format: str = "token"
+    mode: int = 0o600
+    allow_disk: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     path: str | None = None
     https_proxy: str | None = None
@@ -83,6 +96,7 @@ class Config:
     log_level: str | None = None
     policy: PolicySettings = field(default_factory=PolicySettings)
     profiles: tuple[ProfileSource, ...] = ()
+    sinks: tuple[SinkSpec, ...] = ()
 
     def proxy_for_daemon(self, environ: dict[str, str] | os._Environ[str]) -> str | None:
         """The proxy to pass explicitly: the config's, unless the environment names one."""
@@ -117,7 +131,13 @@ def load_config(path: str | None = None, *, required: bool = False) -> Config:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    return parse_config(data, path)
+    config = parse_config(data, path)
+    if config.sinks:  # their directories and file systems, as they are now
+        from aemagent.daemon.sinks import check_sink
+
+        for sink in config.sinks:
+            check_sink(sink, path)
+    return config
 
 
 def check_trusted(path: str, st: os.stat_result) -> None:
@@ -139,9 +159,9 @@ def check_trusted(path: str, st: os.stat_result) -> None:
 
 
 def parse_config(data: dict[str, Any], path: str) -> Config:
-    unknown = sorted(set(data) - {"agent", "profiles"})
+    unknown = sorted(set(data) - {"agent", "profiles", "sink"})
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: agent, profiles)")
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known: agent, profiles, sink)")
     agent = _table(data.get("agent", {}), path, "agent")
     settings: dict[str, Any] = {}
     for key, value in agent.items():
@@ -167,7 +187,8 @@ def parse_config(data: dict[str, Any], path: str) -> Config:
     defaults = [p.name for p in profiles if p.default]
     if len(defaults) > 1:
         raise ConfigError(f"{path}: several profiles say default = true: {', '.join(defaults)}")
-    return Config(path=path, policy=policy, profiles=profiles, **settings)
+    sinks = _sinks(data.get("sink", []), path)
+    return Config(path=path, policy=policy, profiles=profiles, sinks=sinks, **settings)
 
 
 def _table(value: Any, path: str, where: str) -> dict[str, Any]:
@@ -226,6 +247,69 @@ def _profile(name: str, table: Any, path: str) -> ProfileSource:
         hosts=tuple(h.lower() for h in hosts),
         default=default,
     )
+
+
+def _sinks(value: Any, path: str) -> tuple[SinkSpec, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: sink must be an array of tables ([[sink]])")
+    sinks = tuple(_sink(index, table, path) for index, table in enumerate(value, 1))
+    seen: set[str] = set()
+    for sink in sinks:
+        if sink.path in seen:
+            raise ConfigError(f"{path}: several sinks write {sink.path}")
+        seen.add(sink.path)
+    return sinks
+
+
+def _sink(index: int, table: Any, path: str) -> SinkSpec:
+    from aemagent.core.profiles import check_profile_name
+    from aemagent.errors import UsageError
+
+    where = f"sink {index}"
+    table = _table(table, path, where)
+    unknown = sorted(set(table) - _SINK_KEYS)
+    if unknown:
+        known = ", ".join(sorted(_SINK_KEYS))
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r} in {where} (known: {known})")
+    for key in ("profile", "path"):
+        if not isinstance(table.get(key), str) or not table[key]:
+            raise ConfigError(f'{path}: {where} needs {key} = "…"')
+    try:
+        profile = check_profile_name(table["profile"])
+    except UsageError as exc:
+        raise ConfigError(f"{path}: {where}: {exc}") from None
+    target = os.path.expanduser(table["path"])
+    if not os.path.isabs(target):
+        raise ConfigError(f"{path}: {where}: path must be absolute, not {target!r}")
+    target = os.path.normpath(target)
+    where = f"sink {target}"
+    fmt = table.get("format", "token")
+    if fmt not in SINK_FORMATS:
+        raise ConfigError(f"{path}: {where}: format must be token, header or json, not {fmt!r}")
+    mode = _sink_mode(table.get("mode", 0o600), path, where)
+    allow_disk = table.get("allow_disk", False)
+    if not isinstance(allow_disk, bool):
+        raise ConfigError(f"{path}: {where}: allow_disk must be true or false")
+    return SinkSpec(profile, target, fmt, mode, allow_disk)
+
+
+def _sink_mode(value: Any, path: str, where: str) -> int:
+    """`mode = 0o600` (a TOML octal integer) or `mode = "0600"` (a string read as octal)."""
+    if isinstance(value, str):
+        text = value.removeprefix("0o")
+        if not (text and text.isascii() and all(c in "01234567" for c in text)):
+            raise ConfigError(f"{path}: {where}: mode {value!r} is not an octal number like 0600")
+        value = int(text, 8)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f'{path}: {where}: mode must be like 0o600 or "0600"')
+    if not 0 <= value <= 0o777:
+        raise ConfigError(
+            f"{path}: {where}: mode {value} is not permission bits (an integer mode is"
+            ' written 0o600 in TOML; 600 is decimal); write 0o600 or "0600"'
+        )
+    if value & 0o400 == 0:
+        raise ConfigError(f"{path}: {where}: mode {value:04o} would not let you read the file")
+    return value
 
 
 def save_profile(path: str, source: ProfileSource) -> None:

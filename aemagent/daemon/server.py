@@ -22,7 +22,8 @@ An idle daemon thus wakes once a minute, for every timer at once.
 
 Stopping: `STOPPING=1`, stop accepting, remove the socket (if it is still ours and we bound it:
 an activated socket belongs to systemd), give connections in flight a short grace period, cancel
-the rest. Nothing is written to disk but the socket and its lock.
+the rest. Nothing is written to disk but the socket and its lock (token files, sinks.py, go
+to a memory file system unless a sink allows disk; they are removed as the nursery ends).
 
 `run` is `aemagent serve`: it hardens the process first (hardening.py).
 """
@@ -47,6 +48,7 @@ from aemagent.daemon.api import AgentAPI
 from aemagent.daemon.config import Config
 from aemagent.daemon.hardening import harden_process
 from aemagent.daemon.httpserver import Limits, Request, Response, SocketIO, serve_http
+from aemagent.daemon.sinks import Sinks
 from aemagent.daemon.sources import ConfigProfiles
 from aemagent.daemon.systemd import Notifier, inherited_socket
 from aemagent.daemon.unixsocket import (
@@ -311,6 +313,9 @@ async def _serve(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.watch_signals, signals, nursery)
                 await nursery.start(agent.run)
+                sinks = Sinks(agent)  # token files: removed when this nursery ends
+                await nursery.start(sinks.run)
+                nursery.start_soon(sinks.follow, profiles)
                 profiles.reserve()  # config profiles exist (as "loading") before we serve
                 nursery.start_soon(server.load_profiles)
                 closing, drained = trio.Event(), trio.Event()

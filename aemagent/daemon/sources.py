@@ -116,6 +116,8 @@ class ConfigProfiles:
         # During one load(): credentials parsed in it, by the sha256 of their bytes, so that
         # profiles reading the same file parse it once. Emptied when the load ends.
         self._this_load: dict[str, Credential] = {}
+        # Set, then replaced, each time a reload has read a new `config` (daemon/sinks.py).
+        self.config_read = trio.Event()
 
     async def reload(self) -> ReloadOutcome:
         """Read the config file again, then load every profile in it; what is loaded now.
@@ -141,6 +143,8 @@ class ConfigProfiles:
         except ConfigError as exc:
             log.error("reload: %s; keeping the profiles as they are", exc)
             return str(exc)
+        event, self.config_read = self.config_read, trio.Event()
+        event.set()
         return await self._load()
 
     def reserve(self) -> None:
