@@ -139,7 +139,7 @@ def _run(argv: list[str]) -> int:
         if plain:
             token = _plain_token(reply)
             return write(f"{token}\n" if fmt == "token" else f"Authorization: Bearer {token}\n")
-        return write(_format_json_answer(fmt, json_answer(reply)))
+        return write(format_json_answer(fmt, json_answer(reply)))
     except UnexpectedAnswer as exc:
         return fail(exc.exit_code, f"{exc}; {DIFFERENT_VERSION}")
 
@@ -244,7 +244,7 @@ def json_answer(reply: wire.Reply) -> dict[str, object]:
     return info
 
 
-def _format_json_answer(fmt: str, info: dict[str, object]) -> str:
+def format_json_answer(fmt: str, info: dict[str, object]) -> str:
     token = info["access_token"]
     if fmt == "env":
         return f"export AEM_ACCESS_TOKEN={_sh_quote(str(token))}\n"

@@ -168,11 +168,9 @@ def _check_private(directory: str, where: str) -> None:
     from aemagent.daemon.unixsocket import ensure_private_dir
 
     try:
-        ensure_private_dir(directory)
+        ensure_private_dir(directory, what="directory", other="another sink path")
     except SocketDirError as exc:
-        text = str(exc).replace("socket directory ", "directory ")
-        text = text.replace("another --socket path", "another sink path")
-        raise ConfigError(f"{where}: {text}") from None
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def render(served: Served, fmt: str) -> bytes:
@@ -182,9 +180,9 @@ def render(served: Served, fmt: str) -> bytes:
         return f"{token}\n".encode()
     if fmt == "header":
         return f"Authorization: Bearer {token}\n".encode()
-    from aemagent.helper import _format_json_answer
+    from aemagent.helper import format_json_answer
 
-    return _format_json_answer("json", token_json(served)).encode()
+    return format_json_answer("json", token_json(served)).encode()
 
 
 class SinkFile:

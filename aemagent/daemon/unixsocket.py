@@ -49,7 +49,9 @@ def _owner_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-def ensure_private_dir(directory: str) -> None:
+def ensure_private_dir(
+    directory: str, *, what: str = "socket directory", other: str = "another --socket path"
+) -> None:
     """Create `directory` 0700 if missing; refuse it unless a real directory, ours (or root's),
     that no other user can write to.
 
@@ -59,37 +61,35 @@ def ensure_private_dir(directory: str) -> None:
     write access another user could put their own socket at our path (an impostor that clients
     would send credentials to) or take the lock's or the temporary name first. The sticky bit
     (/tmp) protects names that exist, not names still to be created, so it is no exception.
-    Root may own it: root can do anything to us anyway."""
+    Root may own it: root can do anything to us anyway. `what` and `other` name the directory
+    and the way out in the messages (a token file's directory, daemon/sinks.py, is checked too)."""
     try:
         os.mkdir(directory, 0o700)
     except FileExistsError:
         pass
     except FileNotFoundError:
         raise SocketDirError(
-            f"cannot create socket directory {directory}: its parent does not exist"
+            f"cannot create {what} {directory}: its parent does not exist"
         ) from None
     except OSError as exc:
-        raise SocketDirError(
-            f"cannot create socket directory {directory}: {exc.strerror}"
-        ) from None
+        raise SocketDirError(f"cannot create {what} {directory}: {exc.strerror}") from None
     st = os.lstat(directory)
     me = os.getuid()
     mode = stat.S_IMODE(st.st_mode)
     if stat.S_ISLNK(st.st_mode):
         raise SocketDirError(
-            f"socket directory {directory} is a symbolic link (owner {_owner_name(st.st_uid)},"
-            f" mode {mode:04o}), not a directory of its own; remove it or choose another"
-            " --socket path"
+            f"{what} {directory} is a symbolic link (owner {_owner_name(st.st_uid)},"
+            f" mode {mode:04o}), not a directory of its own; remove it or choose {other}"
         )
     if not stat.S_ISDIR(st.st_mode):
         raise SocketDirError(
-            f"socket directory {directory} is not a directory (owner {_owner_name(st.st_uid)},"
-            f" mode {mode:04o}); remove it or choose another --socket path"
+            f"{what} {directory} is not a directory (owner {_owner_name(st.st_uid)},"
+            f" mode {mode:04o}); remove it or choose {other}"
         )
     if st.st_uid not in (me, 0):
         raise SocketDirError(
-            f"socket directory {directory} belongs to {_owner_name(st.st_uid)}, not to"
-            f" {_owner_name(me)} (mode {mode:04o}); remove it or choose another --socket path"
+            f"{what} {directory} belongs to {_owner_name(st.st_uid)}, not to"
+            f" {_owner_name(me)} (mode {mode:04o}); remove it or choose {other}"
         )
     if mode & 0o022:
         if mode & stat.S_ISVTX:  # /tmp: they cannot remove our names, but can take them first
@@ -98,9 +98,9 @@ def ensure_private_dir(directory: str) -> None:
                 f" directory of its own, such as {os.path.join(directory, f'aemagent-{me}')}/"
             )
         else:
-            hint = f"run `chmod go-w {directory}` or choose another --socket path"
+            hint = f"run `chmod go-w {directory}` or choose {other}"
         raise SocketDirError(
-            f"socket directory {directory} is writable by other users (mode {mode:04o}, owner"
+            f"{what} {directory} is writable by other users (mode {mode:04o}, owner"
             f" {_owner_name(st.st_uid)}); {hint}"
         )
 

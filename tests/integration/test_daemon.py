@@ -285,15 +285,8 @@ def test_start_detaches_eval_returns_and_a_second_start_reuses_it(base: Path) ->
     _stop_started(sock, env, pid)
 
 
-def test_concurrent_starts_yield_one_daemon(base: Path) -> None:
-    """Five `start`s racing on one fresh path: one daemon, and all five print its PID; only the
-    one whose daemon won says it started it, the others say truthfully who did.
-
-    Broken: without the `flock` in LifetimeLock several daemons start (different PIDs, more
-    than one "serving on" line; those whose socket the last rename displaced then exit);
-    `cmd_start` printing "started" for any PID that answers makes several racers claim it."""
-    sock = str(base / "s" / "agent.sock")
-    env = _env(base)
+def _race_starts(sock: str, env: dict[str, str], count: int) -> list[tuple[int, str, str]]:
+    """`count` `aemagent start`s at once on `sock`: each one's (exit code, stdout, stderr)."""
     racers = [
         subprocess.Popen(
             procs.aemagent("start", "--socket", sock),
@@ -303,16 +296,30 @@ def test_concurrent_starts_yield_one_daemon(base: Path) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(5)
+        for _ in range(count)
     ]
     try:
-        outputs = [racer.communicate(timeout=25) for racer in racers]
+        outputs = [racer.communicate(timeout=60) for racer in racers]
     finally:
         for racer in racers:
             if racer.poll() is None:
                 racer.kill()
                 racer.communicate()
-    assert [racer.returncode for racer in racers] == [0] * 5, outputs
+    return [(r.returncode, out, err) for r, (out, err) in zip(racers, outputs, strict=True)]
+
+
+def test_concurrent_starts_yield_one_daemon(base: Path) -> None:
+    """Five `start`s racing on one fresh path: one daemon, and all five print its PID; only the
+    one whose daemon won says it started it, the others say truthfully who did.
+
+    Broken: without the `flock` in LifetimeLock several daemons start (different PIDs, more
+    than one "serving on" line; those whose socket the last rename displaced then exit);
+    `cmd_start` printing "started" for any PID that answers makes several racers claim it."""
+    sock = str(base / "s" / "agent.sock")
+    env = _env(base)
+    results = _race_starts(sock, env, 5)
+    outputs = [(stdout, stderr) for _, stdout, stderr in results]
+    assert [code for code, _, _ in results] == [0] * 5, outputs
     pids = {_started_pid(stdout) for stdout, _ in outputs}
     assert len(pids) == 1, outputs
     (pid,) = pids
@@ -324,6 +331,38 @@ def test_concurrent_starts_yield_one_daemon(base: Path) -> None:
     wait_for(lambda: procs.agent_pids(sock) == [pid], 2, "the losing daemons to exit")
     assert _start_log(base).read_text().count(f"serving on {sock}") == 1
     _stop_started(sock, env, pid)
+
+
+def test_sixteen_starts_leave_exactly_one_daemon_when_the_last_returns(base: Path) -> None:
+    """Many `aemagent start`s at once on one fresh socket: one daemon, and nothing left starting.
+
+    Each `start` that finds no agent spawns a daemon child; the children race for the lifetime lock
+    and one wins. Broken: a `start` whose child lost returned as soon as the winner answered, while
+    its child could still be importing. If the winner then died (`kill -9 $AEMAGENT_PID`), a late
+    child took the lock and served as a new agent nobody had been told about, with no profiles:
+    `aem-token` exited 3 instead of 2 and `AEMAGENT_PID` named a dead process. Seen with 16 starts on
+    a loaded machine: three daemons for one socket 6 s after every `start` had returned."""
+    sock = str(base / "s" / "agent.sock")
+    env = _env(base)
+    try:
+        results = _race_starts(sock, env, 16)
+        # Counted at once, with no grace period: every child a losing `start` spawned is gone.
+        daemons = procs.agent_pids(sock)
+        assert [code for code, _, _ in results] == [0] * 16, results
+        pids = {_started_pid(out) for _, out, _ in results}
+        assert len(pids) == 1, results
+        (pid,) = pids
+        assert daemons == [pid], f"{len(daemons)} daemons for one socket: {daemons}"
+
+        # The announced agent dies: nobody takes its place unannounced.
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: procs.agent_pids(sock) == [], 10, "the killed agent to be gone")
+        time.sleep(1.0)  # a late child would have taken the lock and bound by now
+        assert procs.agent_pids(sock) == []
+        token = procs.run(procs.aem_token("--socket", sock), env)
+        assert token.returncode == 2, token.stderr  # no agent, not "no such profile" (3)
+    finally:
+        procs.kill_agents(sock)
 
 
 # ---- 4. displacement
